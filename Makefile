@@ -1,0 +1,61 @@
+# Every target builds what it needs itself; nothing is installed by hand.
+#   make demo        .venv + examples/quickstart.py
+#   make test        .venv + pytest (the CI test command)
+#   make test-xla    torch_xla environment + the tests marked `xla`
+#   make bench       .venv + benchmarks/
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP_QUIET ?= -q
+# The torch_xla environment is ~8 GB (torch 2.9 brings its CUDA libraries):
+# build it once per machine under ~/.cache, keyed by the constraints' hash,
+# and link it as .venv-xla.
+XLA_CACHE ?= $(HOME)/.cache/torch-jax-bridge
+XLA_KEY = $(shell cat constraints-xla.txt pyproject.toml | sha256sum | cut -c1-16)
+XLA_VENV = $(XLA_CACHE)/venv-xla-$(XLA_KEY)
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-xla bench coverage conformance lint clean venv venv-xla
+
+$(VENV)/.installed: constraints.txt pyproject.toml
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_QUIET) --upgrade "pip==25.3"
+	# torch first and pinned: pip takes the CPU wheel on disk, never a CUDA build.
+	$(PY) -m pip install $(PIP_QUIET) "torch==2.13.0"
+	$(PY) -m pip install $(PIP_QUIET) -c constraints.txt -e ".[test,examples]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) examples/quickstart.py
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(PY) benchmarks/run.py
+
+lint: venv
+	$(VENV)/bin/ruff check bridge adapters tests examples benchmarks
+
+venv-xla:
+	@if [ ! -f "$(XLA_VENV)/.complete" ]; then \
+	  set -e; rm -rf "$(XLA_VENV)"; mkdir -p "$(XLA_CACHE)"; \
+	  $(PYTHON) -m venv "$(XLA_VENV)"; \
+	  "$(XLA_VENV)/bin/python" -m pip install $(PIP_QUIET) --upgrade "pip==25.3"; \
+	  "$(XLA_VENV)/bin/python" -m pip install $(PIP_QUIET) -c constraints-xla.txt \
+	    torch torch_xla jax jaxlib torchax numpy ml_dtypes pytest hypothesis expecttest psutil setuptools; \
+	  touch "$(XLA_VENV)/.complete"; \
+	fi
+	ln -sfn "$(XLA_VENV)" .venv-xla
+	# Re-point the editable install at this checkout (cheap; the venv is shared).
+	.venv-xla/bin/python -m pip install $(PIP_QUIET) --no-deps --no-build-isolation -e .
+
+test-xla: venv-xla
+	PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla -p no:cacheprovider $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .venv-xla build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,30 @@
+"""bridge: PyTorch and JAX as one.
+
+Public API (see docs/ and README.md):
+
+    to_jax, to_torch                 zero-copy exchange of tensors and pytrees
+    torch_to_jax                     nn.Module -> (apply, params); torch fn -> JAX fn
+    torch_to_jax_with_state          nn.Module -> (apply, params, state)
+    jax_to_torch                     (apply, params) -> nn.Module; JAX fn -> torch fn
+"""
+
+from bridge.dlpack import (
+    AliasingError,
+    SharingError,
+    X64Error,
+    checked_writes,
+    to_jax,
+    to_torch,
+)
+from bridge.dtypes import UnsupportedDtypeError
+
+__all__ = [
+    "AliasingError",
+    "SharingError",
+    "UnsupportedDtypeError",
+    "X64Error",
+    "checked_writes",
+    "to_jax",
+    "to_torch",
+]
+__version__ = "0.1.0"

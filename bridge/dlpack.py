@@ -1,0 +1,456 @@
+"""Zero-copy exchange of tensors, arrays and pytrees between torch and JAX.
+
+`to_jax(tree)` and `to_torch(tree)` walk any nesting of dicts, lists, tuples,
+namedtuples, dataclasses (transformers' `ModelOutput` included) and types
+registered with torch's or JAX's pytree registries, convert every tensor or
+array leaf and pass everything else (None, Python scalars, strings) through.
+
+Sharing rules (the `copy` keyword):
+
+- `copy=None` (default): share the buffer through DLPack when the layout
+  allows it, otherwise make exactly one copy.
+- `copy=False`: share or raise `SharingError` saying why sharing failed.
+- `copy=True`: always return a private copy.
+
+A torch tensor is shared with JAX when it is strided, dense (a permutation of
+a contiguous layout: transposes and permutes share, step slices `t[::2]`,
+column slices `t[:, :8]` and expanded tensors do not), aligned as JAX needs
+(64 bytes on the CPU), and carries no conjugate or negative bit. Tensors that
+require grad are detached first (sharing the same memory).
+
+64-bit values with JAX's x64 mode off (the default): JAX would silently turn
+int64 into int32, so an int64/uint64 tensor whose values all fit in 32 bits is
+narrowed by a copy, and one whose values do not fit raises `X64Error` naming
+`jax_enable_x64`. float64 and complex128 always raise, since narrowing them
+changes values. No value is ever changed silently.
+
+Aliasing: a shared buffer is one memory seen from both sides. JAX treats its
+arrays as immutable, so an in-place torch write (`t.add_(1)`) to a tensor that
+shares memory with a JAX array changes that array, and a torch write to a
+tensor after `to_jax` changes the JAX array made from it. Use `copy=True` for
+tensors you will write into, or run the code under `checked_writes()`, which
+records every buffer the bridge shares and raises `AliasingError` naming the
+tensors written in place when the block ends (torch's version counter makes
+this exact and costs nothing per operation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+import torch.utils._pytree as torch_pytree
+
+from bridge import dtypes
+
+__all__ = [
+    "AliasingError",
+    "SharingError",
+    "X64Error",
+    "checked_writes",
+    "to_jax",
+    "to_torch",
+]
+
+_JAX_CPU_ALIGNMENT = 64
+
+
+class SharingError(ValueError):
+    """`copy=False` was asked for, but the buffer cannot be shared."""
+
+
+class X64Error(ValueError):
+    """A 64-bit value that JAX cannot hold exactly with x64 disabled."""
+
+
+class AliasingError(RuntimeError):
+    """A buffer shared between torch and JAX was written in place."""
+
+
+# --------------------------------------------------------------------------
+# Pytree walking
+
+
+def _is_model_output(obj: Any) -> bool:
+    # transformers' ModelOutput: a dataclass that is also an OrderedDict whose
+    # keys are the fields that are not None.
+    return dataclasses.is_dataclass(obj) and isinstance(obj, dict)
+
+
+def _rebuild_dataclass(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    if _is_model_output(obj):
+        return type(obj)(**{k: fn(v) for k, v in obj.items()})
+    fields = dataclasses.fields(obj)
+    new = type(obj).__new__(type(obj))
+    new.__dict__.update(obj.__dict__)
+    for f in fields:
+        object.__setattr__(new, f.name, fn(getattr(obj, f.name)))
+    return new
+
+
+_JAX_REGISTERED: set[type] = set()
+
+
+def register_jax_pytree(cls: type) -> None:
+    """Register a dataclass-like output type (e.g. `ModelOutput`) with JAX.
+
+    Converted outputs keep their type, so they must be JAX pytrees to be
+    returned from `jax.jit`. Registration is idempotent.
+    """
+    if cls in _JAX_REGISTERED:
+        return
+    if issubclass(cls, dict):
+
+        def flatten(obj):
+            keys = tuple(obj.keys())
+            return [(jax.tree_util.DictKey(k), obj[k]) for k in keys], keys
+
+        def unflatten(keys, children):
+            return cls(**dict(zip(keys, children, strict=True)))
+
+    else:
+        names = tuple(f.name for f in dataclasses.fields(cls))
+
+        def flatten(obj):
+            return [(jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in names], None
+
+        def unflatten(_, children):
+            new = cls.__new__(cls)
+            for n, c in zip(names, children, strict=True):
+                object.__setattr__(new, n, c)
+            return new
+
+    try:
+        jax.tree_util.register_pytree_with_keys(cls, flatten, unflatten)
+    except ValueError:  # registered elsewhere already (e.g. by the user)
+        pass
+    _JAX_REGISTERED.add(cls)
+
+
+def _map_tree(
+    tree: Any, leaf: Callable[[Any], Any], is_leaf: Callable[[Any], bool], registry: str
+) -> Any:
+    """Map `leaf` over `tree`, keeping every container's type."""
+
+    def rec(x: Any) -> Any:
+        if is_leaf(x):
+            return leaf(x)
+        if x is None or isinstance(x, (bool, int, float, complex, str, bytes)):
+            return x
+        if isinstance(x, tuple):
+            items = [rec(v) for v in x]
+            return type(x)._make(items) if hasattr(x, "_fields") else type(x)(items)
+        if isinstance(x, list):
+            return type(x)(rec(v) for v in x)
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            new = _rebuild_dataclass(x, rec)
+            if registry == "jax":
+                register_jax_pytree(type(x))
+            return new
+        if isinstance(x, dict):
+            items = {k: rec(v) for k, v in x.items()}
+            return items if type(x) is dict else type(x)(items)
+        if registry == "jax" and type(x) in torch_pytree.SUPPORTED_NODES:
+            children, spec = torch_pytree.tree_flatten(x, is_leaf=lambda y: y is not x)
+            return torch_pytree.tree_unflatten([rec(c) for c in children], spec)
+        if registry == "torch":
+            children, treedef = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
+            if treedef.num_nodes > 1:
+                return jax.tree_util.tree_unflatten(treedef, [rec(c) for c in children])
+        return x
+
+    return rec(tree)
+
+
+# --------------------------------------------------------------------------
+# Aliasing checks
+
+
+class _WriteLog:
+    def __init__(self) -> None:
+        self.entries: list[tuple[weakref.ref, int, str]] = []
+
+    def record(self, tensor: torch.Tensor, what: str) -> None:
+        self.entries.append((weakref.ref(tensor), tensor._version, what))
+
+    def written(self) -> list[str]:
+        out = []
+        for ref, version, what in self.entries:
+            t = ref()
+            if t is not None and t._version != version:
+                out.append(what)
+        return out
+
+
+_write_logs: list[_WriteLog] = []
+
+
+@contextlib.contextmanager
+def checked_writes() -> Iterator[None]:
+    """Raise `AliasingError` if a buffer shared inside the block is written.
+
+    Every tensor that `to_jax` reads or `to_torch` creates without a copy
+    inside the block is recorded with torch's version counter; at the end of
+    the block, any of them that was modified in place (directly or through a
+    view) is reported by shape and dtype.
+
+    Example:
+        >>> with bridge.checked_writes():
+        ...     t = bridge.to_torch(jnp.zeros(3))
+        ...     t.add_(1)   # writes into a JAX array
+        AliasingError: ...
+    """
+    log = _WriteLog()
+    _write_logs.append(log)
+    try:
+        yield
+    finally:
+        _write_logs.remove(log)
+    written = log.written()
+    if written:
+        raise AliasingError(
+            "torch wrote in place into memory shared with JAX arrays: "
+            + "; ".join(written)
+            + ". JAX arrays are immutable; pass copy=True to to_jax/to_torch for "
+            "tensors you write into, or write into a clone."
+        )
+
+
+def _record(tensor: torch.Tensor, what: str) -> None:
+    for log in _write_logs:
+        log.record(tensor, what)
+
+
+# --------------------------------------------------------------------------
+# torch -> JAX
+
+
+def _check_convertible(t: torch.Tensor) -> None:
+    if t.layout != torch.strided:
+        raise TypeError(
+            f"to_jax got a {t.layout} tensor; JAX holds only dense arrays. "
+            "Call `.to_dense()` on it first."
+        )
+    if t.is_quantized:
+        raise TypeError(
+            f"to_jax got a quantized tensor ({t.dtype}); JAX has no quantized "
+            "arrays. Call `.dequantize()` on it first."
+        )
+    if t.device.type == "meta":
+        raise ValueError(
+            "to_jax got a tensor on the 'meta' device, which has no data. "
+            "Materialise it first (e.g. `module.to_empty(device='cpu')` and load weights)."
+        )
+    if getattr(t, "is_nested", False):
+        raise TypeError("to_jax got a nested tensor; convert it with `.to_padded_tensor(0)`.")
+    dtypes.to_jax_dtype(t.dtype)  # raises UnsupportedDtypeError with the fix
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """True if `t` covers its memory exactly once: a permuted contiguous layout."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _why_not_shared(t: torch.Tensor) -> str | None:
+    """Why `t`'s memory cannot be handed to JAX as it is, or None if it can."""
+    if t.is_conj():
+        return "it carries torch's lazy conjugate bit (resolve with `.resolve_conj()`)"
+    if t.is_neg():
+        return "it carries torch's lazy negation bit (resolve with `.resolve_neg()`)"
+    if t.numel() > 1 and not _is_dense(t):
+        return (
+            f"its strides {tuple(t.stride())} for shape {tuple(t.shape)} are not a dense "
+            "layout (a step slice, a partial slice or an expanded tensor); "
+            "use `.contiguous()` to make one"
+        )
+    if t.device.type == "cpu" and t.numel() and t.data_ptr() % _JAX_CPU_ALIGNMENT:
+        return (
+            f"its data pointer is not {_JAX_CPU_ALIGNMENT}-byte aligned as JAX requires "
+            "(an offset slice); use `.clone()` to make an aligned one"
+        )
+    if t.device.type not in ("cpu", "cuda"):
+        return f"JAX cannot read memory on torch device '{t.device}'"
+    if t.device.type == "cuda" and not _jax_has_gpu():
+        return "JAX has no GPU backend in this process (install jax with CUDA support)"
+    return None
+
+
+def _jax_has_gpu() -> bool:
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+def _narrow_x64(t: torch.Tensor, copy: bool | None) -> torch.Tensor:
+    """With x64 off, turn a 64-bit tensor into its exact 32-bit form or raise."""
+    fix = (
+        "Enable 64-bit JAX with `jax.config.update('jax_enable_x64', True)` "
+        "(or JAX_ENABLE_X64=1) before creating arrays"
+    )
+    if t.dtype in (torch.float64, torch.complex128):
+        narrow = torch.float32 if t.dtype == torch.float64 else torch.complex64
+        raise X64Error(
+            f"to_jax got a {t.dtype} tensor of shape {tuple(t.shape)}, but JAX's x64 mode is "
+            f"off and narrowing to {narrow} would change its values. {fix}, or convert "
+            f"explicitly with `.to({narrow})`."
+        )
+    narrow = torch.int32 if t.dtype == torch.int64 else torch.uint32
+    if copy is False:
+        raise SharingError(
+            f"to_jax(copy=False) got a {t.dtype} tensor, but JAX's x64 mode is off, so it "
+            f"can only be held as {narrow} by a copy. {fix}, or allow the copy."
+        )
+    if t.numel():
+        info = torch.iinfo(narrow)
+        lo, hi = t.min().item(), t.max().item()
+        if lo < info.min or hi > info.max:
+            raise X64Error(
+                f"to_jax got a {t.dtype} tensor with values in [{lo}, {hi}], outside the range "
+                f"of {narrow}, and JAX's x64 mode is off, so JAX would corrupt them. {fix}."
+            )
+    return t.to(narrow)
+
+
+def _tensor_to_jax(t: torch.Tensor, copy: bool | None) -> jax.Array:
+    _check_convertible(t)
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype in dtypes.WIDE_DTYPES and not dtypes.x64_enabled():
+        return _share_with_jax(_narrow_x64(t, copy).contiguous())
+    if copy:
+        return _share_with_jax(_private_copy(t))
+    why = _why_not_shared(t)
+    if why is None:
+        out = _share_with_jax(t)
+        if t.numel() and out.unsafe_buffer_pointer() != t.data_ptr():
+            # Never report sharing that did not happen.
+            if copy is False:
+                raise SharingError(
+                    f"to_jax(copy=False): JAX copied the tensor of shape {tuple(t.shape)} "
+                    "on import; it cannot be shared."
+                )
+        else:
+            _record(t, f"torch tensor {tuple(t.shape)} {t.dtype} shared with to_jax")
+        return out
+    if copy is False:
+        raise SharingError(
+            f"to_jax(copy=False) cannot share the tensor of shape {tuple(t.shape)} and dtype "
+            f"{t.dtype}: {why}. Pass copy=None to allow a copy."
+        )
+    return _share_with_jax(_private_copy(t))
+
+
+def _private_copy(t: torch.Tensor) -> torch.Tensor:
+    if t.device.type not in ("cpu", "cuda") or (t.device.type == "cuda" and not _jax_has_gpu()):
+        t = t.to("cpu")
+    return t.resolve_conj().resolve_neg().clone(memory_format=torch.contiguous_format)
+
+
+def _share_with_jax(t: torch.Tensor) -> jax.Array:
+    return jax.dlpack.from_dlpack(t)
+
+
+def to_jax(tree: Any, *, copy: bool | None = None) -> Any:
+    """Convert every torch tensor in `tree` to a JAX array, sharing memory.
+
+    Args:
+        tree: a tensor or any pytree of tensors (dicts, lists, tuples,
+            namedtuples, dataclasses such as transformers' `ModelOutput`);
+            other leaves (None, scalars, strings, JAX arrays) pass through.
+        copy: None shares when possible and copies otherwise; False shares
+            or raises `SharingError`; True always copies.
+
+    Returns:
+        The same structure with JAX arrays in place of tensors. CPU tensors
+        land on JAX's CPU device and CUDA tensors on the JAX GPU device with
+        the same index (DLPack carries the device).
+
+    Raises:
+        SharingError: copy=False and a tensor cannot be shared.
+        X64Error: a 64-bit value that JAX cannot hold exactly with x64 off.
+        UnsupportedDtypeError, TypeError, ValueError: tensors JAX cannot hold
+            (complex32, sparse, quantized, nested, meta), with the fix.
+    """
+    if isinstance(tree, torch.Tensor):
+        return _tensor_to_jax(tree, copy)
+    return _map_tree(
+        tree, lambda t: _tensor_to_jax(t, copy), lambda x: isinstance(x, torch.Tensor), "jax"
+    )
+
+
+# --------------------------------------------------------------------------
+# JAX -> torch
+
+
+def _array_to_torch(a: jax.Array, copy: bool | None) -> torch.Tensor:
+    if isinstance(a, jax.core.Tracer):
+        raise TypeError(
+            "to_torch got a traced JAX value (inside jax.jit, grad or vmap), which has no "
+            "data yet. Convert concrete arrays outside the transform, or wrap the torch "
+            "code with bridge.torch_to_jax(fn, mode='callback')."
+        )
+    dtypes.to_torch_dtype(a.dtype)  # raises UnsupportedDtypeError with the fix
+    if a.is_deleted():
+        raise ValueError("to_torch got a JAX array whose buffer was deleted or donated.")
+    source, why = _single_buffer(a)
+    if source is None:
+        if copy is False:
+            raise SharingError(f"to_torch(copy=False) cannot share the array: {why}.")
+        return torch.from_numpy(np.array(a))
+    t = torch.from_dlpack(source)
+    if copy:
+        return t.clone()
+    _record(t, f"torch tensor {tuple(t.shape)} {t.dtype} made by to_torch from a JAX array")
+    return t
+
+
+def _single_buffer(a: jax.Array) -> tuple[jax.Array | None, str]:
+    """The one device buffer that holds all of `a`, if there is one."""
+    if len(a.sharding.device_set) == 1:
+        shard = a
+    elif a.is_fully_addressable and a.sharding.is_fully_replicated:
+        shard = a.addressable_shards[0].data
+    else:
+        return None, (
+            f"it is sharded over {len(a.sharding.device_set)} devices ({a.sharding}); "
+            "gather it first (e.g. `jax.device_get`) or pass copy=None"
+        )
+    platform = next(iter(shard.devices())).platform
+    if platform not in ("cpu", "gpu", "cuda", "rocm"):
+        return None, f"torch cannot read memory on JAX platform '{platform}'"
+    return shard, ""
+
+
+def to_torch(tree: Any, *, copy: bool | None = None) -> Any:
+    """Convert every JAX array in `tree` to a torch tensor, sharing memory.
+
+    Args:
+        tree: a JAX array or any pytree of them (dicts, lists, tuples,
+            namedtuples, dataclasses, JAX-registered pytrees); other leaves
+            pass through.
+        copy: None shares when possible and copies otherwise; False shares
+            or raises `SharingError`; True always copies.
+
+    Returns:
+        The same structure with torch tensors in place of arrays. A tensor
+        that shares a JAX buffer must not be written in place (see the
+        module docstring and `checked_writes`).
+    """
+    if isinstance(tree, jax.Array):
+        return _array_to_torch(tree, copy)
+    return _map_tree(
+        tree, lambda a: _array_to_torch(a, copy), lambda x: isinstance(x, jax.Array), "torch"
+    )
+
