@@ -16,6 +16,8 @@ from bridge.dlpack import (
     to_jax,
     to_torch,
 )
+from bridge.adapters.jax_to_torch import jax_to_torch
+from bridge.adapters.torch_to_jax import torch_to_jax, torch_to_jax_with_state
 from bridge.dtypes import UnsupportedDtypeError
 
 __all__ = [
@@ -24,7 +26,10 @@ __all__ = [
     "UnsupportedDtypeError",
     "X64Error",
     "checked_writes",
+    "jax_to_torch",
     "to_jax",
     "to_torch",
+    "torch_to_jax",
+    "torch_to_jax_with_state",
 ]
 __version__ = "0.1.0"

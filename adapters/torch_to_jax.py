@@ -1,0 +1,328 @@
+"""torch -> JAX: nn.Module -> (apply, params), torch function -> JAX function.
+
+    apply, params = bridge.torch_to_jax(module)
+    out = apply(params, x)                         # jit / grad / vmap / jvp work
+    apply, params, state = bridge.torch_to_jax_with_state(module)
+    out, new_state = apply(params, state, x, rng=key)
+
+Trace mode (the default) captures the module with torch.export the first
+time `apply` sees a new input signature (cached like jax.jit's cache) and
+translates the ATen graph into JAX operations. Callback mode runs torch
+itself behind a JAX primitive (see bridge/callback.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import torch
+
+from bridge import capture as capture_lib
+from bridge import interpreter
+from bridge.dlpack import register_jax_pytree, to_jax
+from bridge.ops.registry import MissingKeyError
+
+__all__ = ["MissingKeyError", "torch_to_jax", "torch_to_jax_with_state"]
+
+Params = dict[str, jax.Array]
+
+
+def torch_to_jax(
+    module_or_fn: torch.nn.Module | Callable, *, mode: str = "trace", strict: bool = False
+) -> Any:
+    """Convert a torch module into `(apply, params)`, or a torch function into a JAX one.
+
+    Args:
+        module_or_fn: an `nn.Module` or a function of torch tensors.
+        mode: "trace" translates torch into JAX operations (ops with no
+            lowering fall back to torch callbacks, with one warning that lists
+            them); "callback" runs torch itself at run time.
+        strict: in trace mode, raise on ops with no lowering instead of
+            falling back to callbacks.
+
+    Returns:
+        For a module, `(apply, params)`: `params` is a dict keyed like
+        `module.named_parameters()` sharing memory with the module's tensors;
+        `apply(params, *args, rng=None, **kwargs)` returns JAX values mirroring
+        the module's output structure. Buffers are used as they are in the
+        module; a forward that updates buffers (train-mode BatchNorm) raises
+        and points to `torch_to_jax_with_state`. For a function, a JAX
+        function with the same arguments.
+    """
+    if isinstance(module_or_fn, torch.nn.Module):
+        converted = _Converted(module_or_fn, mode=mode, strict=strict)
+        params = converted.params()
+
+        def apply(params: Params, *args: Any, rng: jax.Array | None = None, **kwargs: Any) -> Any:
+            out, new_state = converted(params, converted.state(), args, kwargs, rng)
+            if new_state:
+                raise ValueError(
+                    "this module updates its buffers during forward ("
+                    + ", ".join(sorted(new_state))
+                    + "), e.g. BatchNorm running statistics in train mode. torch_to_jax would "
+                    "drop those updates; use bridge.torch_to_jax_with_state(module) to get them "
+                    "back as new_state, or call module.eval() before converting."
+                )
+            return out
+
+        apply.converted = converted  # for introspection and tests
+        return apply, params
+    if callable(module_or_fn):
+        converted = _Converted(_FunctionModule(module_or_fn), mode=mode, strict=strict)
+
+        @functools.wraps(module_or_fn)
+        def fn(*args: Any, rng: jax.Array | None = None, **kwargs: Any) -> Any:
+            out, _ = converted({}, converted.state(), args, kwargs, rng)
+            return out
+
+        fn.converted = converted
+        return fn
+    raise TypeError(
+        f"torch_to_jax takes an nn.Module or a function of torch tensors, got {type(module_or_fn).__name__}."
+    )
+
+
+def torch_to_jax_with_state(
+    module: torch.nn.Module, *, mode: str = "trace", strict: bool = False
+) -> tuple[Callable, Params, Params]:
+    """Convert a module whose buffers are state: `(apply, params, state)`.
+
+    `state` is keyed like `module.named_buffers()`; `apply(params, state,
+    *args, rng=None, **kwargs)` returns `(out, new_state)` where `new_state`
+    holds every buffer, updated where the forward updates it (BatchNorm
+    running statistics and `num_batches_tracked` in train mode). Nothing is
+    mutated: the module and `state` are left as they are.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"torch_to_jax_with_state takes an nn.Module, got {type(module).__name__}.")
+    converted = _Converted(module, mode=mode, strict=strict)
+
+    def apply(
+        params: Params, state: Params, *args: Any, rng: jax.Array | None = None, **kwargs: Any
+    ) -> tuple[Any, Params]:
+        converted.check_state(state)
+        out, updates = converted(params, state, args, kwargs, rng)
+        return out, {**state, **updates}
+
+    apply.converted = converted
+    return apply, converted.params(), converted.state()
+
+
+class _FunctionModule(torch.nn.Module):
+    def __init__(self, fn: Callable) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def _call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return module(*args, **kwargs)
+
+
+class _Converted:
+    """A module, its shared params/buffers, and its graphs cached per signature."""
+
+    def __init__(self, module: torch.nn.Module, *, mode: str, strict: bool) -> None:
+        if mode not in ("trace", "callback"):
+            raise ValueError(f"mode must be 'trace' or 'callback', got {mode!r}")
+        self.module = module
+        self.mode = mode
+        self.strict = strict
+        self._param_shapes = {n: (tuple(p.shape), p.dtype) for n, p in module.named_parameters()}
+        # Tied weights appear once in named_parameters(); the graph may name
+        # either alias, so map every alias to the name users see.
+        self._alias = _aliases(module.named_parameters(remove_duplicate=False))
+        self._alias.update(_aliases(module.named_buffers(remove_duplicate=False)))
+        self._state: Params | None = None
+        self._graphs: dict[capture_lib.Signature, Callable] = {}
+
+    # -- values shared with the module
+
+    def params(self) -> Params:
+        return {n: to_jax(p) for n, p in self.module.named_parameters()}
+
+    def state(self) -> Params:
+        if self._state is None:
+            self._state = {n: to_jax(b) for n, b in self.module.named_buffers()}
+        return self._state
+
+    def check_params(self, params: Params) -> None:
+        if not isinstance(params, dict):
+            raise TypeError(
+                f"params must be a dict keyed like module.named_parameters(), got {type(params).__name__}"
+            )
+        expected = self._param_shapes
+        missing = sorted(expected.keys() - params.keys())
+        extra = sorted(params.keys() - expected.keys())
+        wrong = [
+            f"'{n}' has shape {tuple(jax.numpy.shape(params[n]))}, expected {expected[n][0]}"
+            for n in sorted(expected.keys() & params.keys())
+            if tuple(jax.numpy.shape(params[n])) != expected[n][0]
+        ]
+        if missing or extra or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing {missing}")
+            if extra:
+                parts.append(f"unexpected {extra}")
+            parts.extend(wrong)
+            raise ValueError(
+                "params do not match the module's parameters: " + "; ".join(parts)
+                + ". Pass the dict returned by torch_to_jax (or one with the same keys and shapes)."
+            )
+
+    def check_state(self, state: Params) -> None:
+        expected = set(dict(self.module.named_buffers()))
+        if not isinstance(state, dict) or set(state) != expected:
+            got = set(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"state must be the dict of buffers keyed like module.named_buffers() "
+                f"({sorted(expected)}); got {sorted(got) if isinstance(got, set) else got}."
+            )
+
+    # -- running
+
+    def __call__(
+        self, params: Params, state: Params, args: tuple, kwargs: dict, rng: jax.Array | None
+    ) -> tuple[Any, Params]:
+        self.check_params(params)
+        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        sig = capture_lib.Signature(
+            treedef=treedef,
+            leaves=tuple(_leaf_signature(x) for x in leaves),
+            training=tuple(m.training for m in self.module.modules()),
+        )
+        graph_fn = self._graphs.get(sig)
+        if graph_fn is None:
+            graph_fn = self._graphs[sig] = self._build(sig)
+        arrays = [x for x in leaves if _is_array(x)]
+        return graph_fn(params, state, arrays, rng)
+
+    def _build(self, sig: capture_lib.Signature) -> Callable:
+        if self.mode == "callback":
+            return self._build_callback(sig)
+        captured = capture_lib.capture(self.module, _call_module, sig)
+        fallback = None
+        if captured.unsupported:
+            if self.strict:
+                raise interpreter.unsupported_error(captured.unsupported)
+            ops = sorted({str(n.target) for n in captured.unsupported})
+            warnings.warn(
+                f"{len(ops)} ATen op(s) have no JAX lowering and run through torch callbacks: "
+                f"{', '.join(ops)}. Such callbacks run on the host and cannot be serialised "
+                "or run on TPU; pass strict=True to make this an error.",
+                stacklevel=4,
+            )
+            from bridge.callback import op_fallback
+
+            fallback = op_fallback
+        constants = {k: to_jax(v) for k, v in captured.constants.items()}
+        alias = self._alias
+        out_spec = captured.out_spec
+
+        def graph_fn(params, state, arrays, rng):
+            inputs = []
+            for kind, name in captured.inputs:
+                if kind == "user":
+                    inputs.append(arrays[name])
+                elif kind == "param":
+                    inputs.append(params[alias.get(name, name)])
+                elif kind == "buffer":
+                    inputs.append(state[alias.get(name, name)])
+                else:
+                    inputs.append(constants[name])
+            outs = interpreter.run(captured.program, inputs, rng, fallback)
+            updates, user = {}, []
+            for (kind, name), value in zip(captured.outputs, outs, strict=True):
+                if kind == "buffer":
+                    updates[alias.get(name, name)] = value
+                else:
+                    user.append(value)
+            return _unflatten_outputs(user, out_spec), updates
+
+        return jax.jit(graph_fn)
+
+    def _build_callback(self, sig: capture_lib.Signature) -> Callable:
+        from bridge.callback import wrap
+
+        module = self.module
+        array_pos = [i for i, leaf in enumerate(sig.leaves) if isinstance(leaf, capture_lib.Leaf)]
+
+        def torch_fn(params, buffers, tensors):
+            leaves = list(sig.leaves)
+            for i, t in zip(array_pos, tensors, strict=True):
+                leaves[i] = t
+            args, kwargs = jax.tree_util.tree_unflatten(sig.treedef, leaves)
+            return torch.func.functional_call(module, {**params, **buffers}, args, kwargs)
+
+        wrapped = wrap(torch_fn)
+
+        def graph_fn(params, state, arrays, rng):
+            return wrapped(params, state, list(arrays)), {}
+
+        return graph_fn
+
+
+def _aliases(named: Any) -> dict[str, str]:
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, tensor in named:
+        canonical = first.setdefault(id(tensor), name)
+        if canonical != name:
+            alias[name] = canonical
+    return alias
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, jax.core.Tracer)) or (
+        hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, torch.Tensor)
+    )
+
+
+def _leaf_signature(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        raise TypeError(
+            "apply() takes JAX arrays, got a torch.Tensor; convert it with bridge.to_jax(tensor)."
+        )
+    if _is_array(x):
+        return capture_lib.Leaf(tuple(x.shape), jax.numpy.dtype(x.dtype))
+    try:
+        hash(x)
+    except TypeError:
+        raise TypeError(
+            f"apply() got an argument of type {type(x).__name__} that is neither a JAX array "
+            "nor a hashable static value (int, float, bool, str, None)."
+        ) from None
+    return x
+
+
+def _unflatten_outputs(leaves: list[Any], out_spec: Any) -> Any:
+    """Rebuild torch's output structure around JAX values, as a JAX pytree."""
+    import torch.utils._pytree as torch_pytree
+
+    placeholders = [_Slot(i) for i in range(len(leaves))]
+    skeleton = torch_pytree.tree_unflatten(placeholders, out_spec)
+    return _fill(skeleton, leaves)
+
+
+class _Slot:
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _fill(tree: Any, leaves: list[Any]) -> Any:
+    from bridge.dlpack import _map_tree
+
+    return _map_tree(tree, lambda s: leaves[s.index], lambda x: isinstance(x, _Slot), "jax")
+
+
+# re-exported for users who want to register their own output types
+register_output_type = register_jax_pytree

@@ -1,0 +1,197 @@
+"""torch -> ATen graph: torch.export (non-strict), selective decomposition.
+
+`capture(module, signature)` exports `module` for one input signature
+(shapes, dtypes, pytree structure and static values of the arguments) and
+returns a `Captured` graph whose high-level ops (linear, convolution,
+layer_norm, scaled_dot_product_attention, ...) are kept wherever the lowering
+table has them. Only ops without a lowering are decomposed, with a table
+restricted to them; a blanket `run_decompositions()` is avoided (it fails on
+transformers' GPT-2 in torch 2.13).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import torch
+from torch._decomp import core_aten_decompositions, decomposition_table
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+
+from bridge import dtypes
+from bridge.ops import LOWERINGS
+
+_PREFIX = "m."
+_MAX_DECOMPOSITION_ROUNDS = 8
+
+#: How many times `capture` ran; tests use it to prove that calls with the
+#: same signature reuse the cached graph.
+capture_count = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """Shape and dtype of one array argument (its aval)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """Everything that selects a captured graph: what jax.jit keys on too."""
+
+    treedef: Any  # jax treedef of (args, kwargs)
+    leaves: tuple  # Leaf for arrays, the value itself for static leaves
+    training: tuple[bool, ...]
+
+
+@dataclasses.dataclass
+class Captured:
+    """An exported, functional ATen graph and how its inputs/outputs map."""
+
+    program: ExportedProgram
+    inputs: list[tuple[str, str | int]]  # per placeholder: (kind, name or user-leaf index)
+    constants: dict[str, torch.Tensor]
+    outputs: list[tuple[str, str | None]]  # per graph output: (kind, buffer name)
+    out_spec: Any  # torch pytree spec of the user outputs
+    unsupported: list[torch.fx.Node]
+
+
+class _Wrapper(torch.nn.Module):
+    """Holds the module as `m` and rebuilds the caller's args from flat tensors."""
+
+    def __init__(self, module: torch.nn.Module, call: Callable, rebuild: Callable) -> None:
+        super().__init__()
+        self.m = module
+        self._call = call
+        self._rebuild = rebuild
+
+    def forward(self, *tensors):
+        args, kwargs = self._rebuild(tensors)
+        return self._call(self.m, *args, **kwargs)
+
+
+def example_tensor(leaf: Leaf) -> torch.Tensor:
+    dtype = dtypes.to_torch_dtype(leaf.dtype)
+    # With x64 off, JAX has only 32-bit integers; torch code expects its own
+    # convention (int64 ids and indices), which JAX then runs as int32.
+    if not dtypes.x64_enabled():
+        dtype = {torch.int32: torch.int64, torch.uint32: torch.uint64}.get(dtype, dtype)
+    return torch.zeros(leaf.shape, dtype=dtype)
+
+
+def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured:
+    """Export `call(module, *args, **kwargs)` for the signature `sig`.
+
+    Array leaves become graph inputs; static leaves are baked into the graph
+    (they are part of `sig`, so a new value captures anew).
+    """
+    global capture_count
+    capture_count += 1
+    array_pos = [i for i, leaf in enumerate(sig.leaves) if isinstance(leaf, Leaf)]
+    examples = tuple(example_tensor(sig.leaves[i]) for i in array_pos)
+
+    def rebuild(tensors):
+        leaves = list(sig.leaves)
+        for i, t in zip(array_pos, tensors, strict=True):
+            leaves[i] = t
+        return jax.tree_util.tree_unflatten(sig.treedef, leaves)
+
+    wrapper = _Wrapper(module, call, rebuild)
+    program = torch.export.export(wrapper, examples, strict=False)
+    program = program.run_decompositions({})  # functionalise; keep high-level ops
+    program = _decompose_unlowered(program)
+    return _describe(program)
+
+
+def _graph_ops(program: ExportedProgram) -> set[torch._ops.OpOverload]:
+    return {
+        n.target
+        for n in program.graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+    }
+
+
+def _decomposition_for(op: torch._ops.OpOverload) -> Callable | None:
+    table = core_aten_decompositions()
+    if op in table:
+        return table[op]
+    if op in decomposition_table:
+        return decomposition_table[op]
+    if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd"):
+        return op.decompose
+    return None
+
+
+def _decompose_unlowered(program: ExportedProgram) -> ExportedProgram:
+    """Decompose only the ops with no lowering, until none is left to decompose."""
+    for _ in range(_MAX_DECOMPOSITION_ROUNDS):
+        table = {}
+        for op in _graph_ops(program) - LOWERINGS.keys():
+            decomp = _decomposition_for(op)
+            if decomp is not None:
+                table[op] = decomp
+        if not table:
+            break
+        program = program.run_decompositions(table)
+    return program
+
+
+def _describe(program: ExportedProgram) -> Captured:
+    sig = program.graph_signature
+    inputs: list[tuple[str, str | int]] = []
+    user_index = 0
+    for spec in sig.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            inputs.append(("user", user_index))
+            user_index += 1
+        elif spec.kind == InputKind.PARAMETER:
+            inputs.append(("param", _strip(spec.target)))
+        elif spec.kind == InputKind.BUFFER:
+            inputs.append(("buffer", _strip(spec.target)))
+        elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
+            inputs.append(("constant", spec.target))
+        else:
+            raise NotImplementedError(f"unsupported graph input kind {spec.kind}")
+    outputs: list[tuple[str, str | None]] = []
+    for spec in sig.output_specs:
+        if spec.kind == OutputKind.USER_OUTPUT:
+            outputs.append(("user", None))
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            outputs.append(("buffer", _strip(spec.target)))
+        elif spec.kind == OutputKind.USER_INPUT_MUTATION:
+            raise ValueError(
+                "the torch code writes into one of its inputs in place; a JAX function "
+                "cannot mutate its arguments. Return the new value instead."
+            )
+        elif spec.kind == OutputKind.PARAMETER_MUTATION:
+            raise ValueError(
+                f"the torch code writes into parameter '{_strip(spec.target)}' in place "
+                "during forward; JAX parameters are immutable. Make it a buffer, or "
+                "update it outside forward."
+            )
+        else:
+            raise NotImplementedError(f"unsupported graph output kind {spec.kind}")
+    unsupported = [
+        n
+        for n in program.graph.nodes
+        if n.op == "call_function"
+        and isinstance(n.target, torch._ops.OpOverload)
+        and n.target not in LOWERINGS
+    ]
+    return Captured(
+        program=program,
+        inputs=inputs,
+        constants=dict(program.constants),
+        outputs=outputs,
+        out_spec=program.call_spec.out_spec,
+        unsupported=unsupported,
+    )
+
+
+def _strip(name: str) -> str:
+    return name[len(_PREFIX) :] if name.startswith(_PREFIX) else name

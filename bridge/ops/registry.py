@@ -1,0 +1,87 @@
+"""The lowering table: one JAX function per ATen overload.
+
+A lowering is registered with `@lowering(aten.op.overload, ...)` and called as
+`fn(ctx, *args, **kwargs)`, where `args`/`kwargs` follow the ATen schema with
+every tensor replaced by a JAX array (lists of tensors become lists of arrays)
+and every other value (ints, floats, bools, dtypes, devices) left as it is.
+`ctx` tells the lowering what torch recorded for this node:
+
+    ctx.dtype   the JAX dtype of the (single) output, as torch computed it
+                (type promotion included), canonicalised for x64 mode
+    ctx.shape   the output shape
+    ctx.out     the raw `node.meta["val"]` (FakeTensor, tuple, SymInt, ...)
+    ctx.key()   a fresh PRNG key for this node (random ops only)
+
+Lowerings use `ctx.dtype`/`ctx.shape` instead of re-deriving torch's rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+
+from bridge import dtypes
+
+Lowering = Callable[..., Any]
+
+LOWERINGS: dict[torch._ops.OpOverload, Lowering] = {}
+
+
+def lowering(*ops: torch._ops.OpOverload) -> Callable[[Lowering], Lowering]:
+    """Register `fn` as the JAX lowering of each ATen overload in `ops`."""
+
+    def register(fn: Lowering) -> Lowering:
+        for op in ops:
+            if not isinstance(op, torch._ops.OpOverload):
+                raise TypeError(f"lowering() takes ATen overloads, got {op!r}")
+            if op in LOWERINGS:
+                raise ValueError(f"{op} already has a lowering: {LOWERINGS[op].__qualname__}")
+            LOWERINGS[op] = fn
+        return fn
+
+    return register
+
+
+class MissingKeyError(ValueError):
+    """A random op ran without an `rng=` key."""
+
+
+class LoweringContext:
+    """What the interpreter knows about the node being lowered."""
+
+    __slots__ = ("node", "out", "_rng", "_index")
+
+    def __init__(self, node: Any, out: Any, rng: jax.Array | None, index: int) -> None:
+        self.node = node
+        self.out = out
+        self._rng = rng
+        self._index = index
+
+    @property
+    def dtype(self) -> np.dtype:
+        return dtypes.canonical_jax_dtype(self.out.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.out.shape)
+
+    def dtype_of(self, i: int) -> np.dtype:
+        """The dtype of output `i` of a multi-output op."""
+        return dtypes.canonical_jax_dtype(self.out[i].dtype)
+
+    def shape_of(self, i: int) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.out[i].shape)
+
+    def key(self) -> jax.Array:
+        """A PRNG key for this node, derived from the caller's `rng` key."""
+        if self._rng is None:
+            raise MissingKeyError(
+                f"the operation {self.node.target} draws random numbers, so apply() needs a "
+                "JAX key: call apply(params, ..., rng=jax.random.key(0)) (or put the module "
+                "in eval() mode if it should be deterministic)."
+            )
+        return jax.random.fold_in(self._rng, self._index)
