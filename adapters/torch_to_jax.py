@@ -219,9 +219,7 @@ class _Converted:
                 "or run on TPU; pass strict=True to make this an error.",
                 stacklevel=4,
             )
-            from bridge.callback import op_fallback
-
-            fallback = op_fallback
+            fallback = interpreter.callback_fallback
         constants = {k: to_jax(v) for k, v in captured.constants.items()}
         alias = self._alias
         out_spec = captured.out_spec

@@ -12,16 +12,18 @@ transformers' GPT-2 in torch 2.13).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import torch
-from torch._decomp import core_aten_decompositions, decomposition_table
+from torch._decomp import core_aten_decompositions
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from bridge import dtypes
+from bridge.dlpack import to_torch
 from bridge.ops import LOWERINGS
 
 _PREFIX = "m."
@@ -99,13 +101,29 @@ def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured
         leaves = list(sig.leaves)
         for i, t in zip(array_pos, tensors, strict=True):
             leaves[i] = t
-        return jax.tree_util.tree_unflatten(sig.treedef, leaves)
+        # TorchNodes (e.g. a cache passed back in) become torch objects again.
+        return to_torch(jax.tree_util.tree_unflatten(sig.treedef, leaves))
 
+    register_model_pytrees(module)
     wrapper = _Wrapper(module, call, rebuild)
     program = torch.export.export(wrapper, examples, strict=False)
     program = program.run_decompositions({})  # functionalise; keep high-level ops
     program = _decompose_unlowered(program)
     return _describe(program)
+
+
+def register_model_pytrees(module: torch.nn.Module) -> None:
+    """Register the non-tensor types a model passes around (caches) as torch pytrees.
+
+    transformers models return cache objects by default; torch.export needs
+    them registered, and transformers ships the registration.
+    """
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(module, transformers.PreTrainedModel):
+        return
+    from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+
+    register_cache_pytrees_for_model(module)
 
 
 def _graph_ops(program: ExportedProgram) -> set[torch._ops.OpOverload]:
@@ -117,11 +135,11 @@ def _graph_ops(program: ExportedProgram) -> set[torch._ops.OpOverload]:
 
 
 def _decomposition_for(op: torch._ops.OpOverload) -> Callable | None:
+    # Only decompositions into core ATen ops: torch's general table also maps
+    # ops to prims, which would trade a missing lowering for another.
     table = core_aten_decompositions()
     if op in table:
         return table[op]
-    if op in decomposition_table:
-        return decomposition_table[op]
     if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd"):
         return op.decompose
     return None
@@ -129,15 +147,26 @@ def _decomposition_for(op: torch._ops.OpOverload) -> Callable | None:
 
 def _decompose_unlowered(program: ExportedProgram) -> ExportedProgram:
     """Decompose only the ops with no lowering, until none is left to decompose."""
+    failed: set[torch._ops.OpOverload] = set()
     for _ in range(_MAX_DECOMPOSITION_ROUNDS):
         table = {}
-        for op in _graph_ops(program) - LOWERINGS.keys():
+        for op in _graph_ops(program) - LOWERINGS.keys() - failed:
             decomp = _decomposition_for(op)
             if decomp is not None:
                 table[op] = decomp
         if not table:
             break
-        program = program.run_decompositions(table)
+        try:
+            program = program.run_decompositions(table)
+        except Exception:
+            # A decomposition can fail to retrace (e.g. sdpa's CPU kernel has
+            # strides a later `view` rejects). Keep the ones that work; the
+            # others stay as they are and are reported as unlowered.
+            for op, decomp in table.items():
+                try:
+                    program = program.run_decompositions({op: decomp})
+                except Exception:
+                    failed.add(op)
     return program
 
 

@@ -94,6 +94,54 @@ def _rebuild_dataclass(obj: Any, fn: Callable[[Any], Any]) -> Any:
     return new
 
 
+class TorchNode:
+    """A torch-only pytree node (e.g. transformers' `DynamicCache`) carried through JAX.
+
+    `to_jax` turns any type registered with torch's pytree registry (and not
+    a plain container or dataclass) into a `TorchNode` holding its leaves as
+    JAX arrays; it is a JAX pytree, so it can be returned from `jax.jit` and
+    passed back into a converted function, where it becomes the torch object
+    again. `to_torch` rebuilds the torch object.
+    """
+
+    __slots__ = ("node_type", "context", "children")
+
+    def __init__(self, node_type: type, context: Any, children: list) -> None:
+        self.node_type = node_type
+        self.context = context
+        self.children = list(children)
+
+    def __repr__(self) -> str:
+        return f"TorchNode({self.node_type.__name__}, {len(self.children)} children)"
+
+    def to_torch_object(self, children: list) -> Any:
+        return torch_pytree.SUPPORTED_NODES[self.node_type].unflatten_fn(children, self.context)
+
+
+class _NodeAux:
+    """Hashable stand-in for a torch pytree context (often lists)."""
+
+    __slots__ = ("node_type", "context", "_key")
+
+    def __init__(self, node_type: type, context: Any) -> None:
+        self.node_type = node_type
+        self.context = context
+        self._key = (node_type, repr(context))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _NodeAux) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+
+jax.tree_util.register_pytree_node(
+    TorchNode,
+    lambda n: (n.children, _NodeAux(n.node_type, n.context)),
+    lambda aux, children: TorchNode(aux.node_type, aux.context, children),
+)
+
+
 _JAX_REGISTERED: set[type] = set()
 
 
@@ -141,6 +189,11 @@ def _map_tree(
     def rec(x: Any) -> Any:
         if is_leaf(x):
             return leaf(x)
+        if isinstance(x, TorchNode):
+            children = [rec(c) for c in x.children]
+            return x.to_torch_object(children) if registry == "torch" else TorchNode(
+                x.node_type, x.context, children
+            )
         if x is None or isinstance(x, (bool, int, float, complex, str, bytes)):
             return x
         if isinstance(x, tuple):
@@ -157,8 +210,8 @@ def _map_tree(
             items = {k: rec(v) for k, v in x.items()}
             return items if type(x) is dict else type(x)(items)
         if registry == "jax" and type(x) in torch_pytree.SUPPORTED_NODES:
-            children, spec = torch_pytree.tree_flatten(x, is_leaf=lambda y: y is not x)
-            return torch_pytree.tree_unflatten([rec(c) for c in children], spec)
+            children, context = torch_pytree.SUPPORTED_NODES[type(x)].flatten_fn(x)
+            return TorchNode(type(x), context, [rec(c) for c in children])
         if registry == "torch":
             children, treedef = jax.tree_util.tree_flatten(x, is_leaf=lambda y: y is not x)
             if treedef.num_nodes > 1:

@@ -62,6 +62,18 @@ def unsupported_error(nodes: Sequence[torch.fx.Node]) -> UnsupportedOpsError:
     )
 
 
+def callback_fallback(node: torch.fx.Node) -> Callable:
+    """A lowering that runs the node's ATen op in torch, behind a JAX primitive."""
+    from bridge.callback import wrap
+
+    run_in_torch = wrap(node.target)
+
+    def lower(ctx: LoweringContext, *args: Any, **kwargs: Any) -> Any:
+        return run_in_torch(*args, **kwargs)
+
+    return lower
+
+
 def _check(node: torch.fx.Node, value: Any, expected: Any) -> None:
     if isinstance(expected, torch.Tensor):
         shape = tuple(int(s) for s in expected.shape)
