@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -106,9 +107,12 @@ def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured
 
     register_model_pytrees(module)
     wrapper = _Wrapper(module, call, rebuild)
-    program = torch.export.export(wrapper, examples, strict=False)
-    program = program.run_decompositions({})  # functionalise; keep high-level ops
-    program = _decompose_unlowered(program)
+    with warnings.catch_warnings():
+        # torch.export's own pytree deprecation noise; nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
+        program = torch.export.export(wrapper, examples, strict=False)
+        program = program.run_decompositions({})  # functionalise; keep high-level ops
+        program = _decompose_unlowered(program)
     return _describe(program)
 
 
