@@ -275,7 +275,10 @@ def checked_writes() -> Iterator[None]:
         )
 
 
-def _record(tensor: torch.Tensor, what: str) -> None:
+def _record(tensor: torch.Tensor, direction: str) -> None:
+    if not _write_logs:  # the common case: no checked_writes() block is active
+        return
+    what = f"torch tensor {tuple(tensor.shape)} {tensor.dtype} {direction}"
     for log in _write_logs:
         log.record(tensor, what)
 
@@ -307,6 +310,8 @@ def _check_convertible(t: torch.Tensor) -> None:
 
 def _is_dense(t: torch.Tensor) -> bool:
     """True if `t` covers its memory exactly once: a permuted contiguous layout."""
+    if t.is_contiguous():
+        return True
     expected = 1
     for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1):
         if stride != expected:
@@ -395,7 +400,7 @@ def _tensor_to_jax(t: torch.Tensor, copy: bool | None) -> jax.Array:
                     "on import; it cannot be shared."
                 )
         else:
-            _record(t, f"torch tensor {tuple(t.shape)} {t.dtype} shared with to_jax")
+            _record(t, "shared with to_jax")
         return out
     if copy is False:
         raise SharingError(
@@ -465,22 +470,24 @@ def _array_to_torch(a: jax.Array, copy: bool | None) -> torch.Tensor:
     t = torch.from_dlpack(source)
     if copy:
         return t.clone()
-    _record(t, f"torch tensor {tuple(t.shape)} {t.dtype} made by to_torch from a JAX array")
+    _record(t, "made by to_torch from a JAX array")
     return t
 
 
 def _single_buffer(a: jax.Array) -> tuple[jax.Array | None, str]:
     """The one device buffer that holds all of `a`, if there is one."""
-    if len(a.sharding.device_set) == 1:
-        shard = a
+    devices = a.sharding.device_set
+    if len(devices) == 1:
+        shard, device = a, next(iter(devices))
     elif a.is_fully_addressable and a.sharding.is_fully_replicated:
         shard = a.addressable_shards[0].data
+        device = next(iter(shard.sharding.device_set))
     else:
         return None, (
             f"it is sharded over {len(a.sharding.device_set)} devices ({a.sharding}); "
             "gather it first (e.g. `jax.device_get`) or pass copy=None"
         )
-    platform = next(iter(shard.devices())).platform
+    platform = device.platform
     if platform not in ("cpu", "gpu", "cuda", "rocm"):
         return None, f"torch cannot read memory on JAX platform '{platform}'"
     return shard, ""

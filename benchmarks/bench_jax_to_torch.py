@@ -1,0 +1,253 @@
+"""Forward + backward through `bridge.jax_to_torch` against pure JAX.
+
+For a JAX MLP and a small JAX transformer block (loss included), one training
+step's work is timed two ways on the same inputs, in the same process, the
+two calls alternating:
+
+- torch module: `loss = module(x); loss.backward()` through the `nn.Module`
+  that `bridge.jax_to_torch(loss_fn, params)` returns (gradients land in
+  `.grad`, reset with `zero_grad(set_to_none=True)`);
+- pure JAX: `jax.jit(jax.value_and_grad(loss_fn))(params, x)`, blocked until
+  ready, on the module's own parameter memory.
+
+Target: torch module <= 1.2 x pure JAX + 50 us per call (medians). The
+forward alone (`torch.no_grad()` against `jax.jit(loss_fn)`) is reported too.
+
+Run: .venv/bin/python benchmarks/bench_jax_to_torch.py
+Writes: benchmarks/results/bench_jax_to_torch.md
+
+- `BRIDGE_BENCH_QUICK=1`: small models and few repetitions (a smoke test).
+- `BRIDGE_BENCH_RESULTS=DIR`: write the table into DIR instead; required
+  with `BRIDGE_BENCH_QUICK=1`, so quick numbers never replace real ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import bridge
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
+TORCH_THREADS = 1  # torch only glues here; its idle threads would compete with XLA's
+Case = tuple[str, Callable, dict, np.ndarray]
+
+
+def mlp_case(quick: bool) -> Case:
+    sizes = [32, 64, 10] if quick else [256, 512, 512, 10]
+    batch = 8 if quick else 64
+    keys = jax.random.split(jax.random.key(0), len(sizes) - 1)
+    params = {
+        f"layer{i}": {
+            "w": jax.random.normal(k, (sizes[i], sizes[i + 1])) / np.sqrt(sizes[i]),
+            "b": jnp.zeros(sizes[i + 1]),
+        }
+        for i, k in enumerate(keys)
+    }
+
+    def loss(params: dict, x: jax.Array) -> jax.Array:
+        n = len(params)
+        for i in range(n):
+            x = x @ params[f"layer{i}"]["w"] + params[f"layer{i}"]["b"]
+            if i < n - 1:
+                x = jax.nn.gelu(x)
+        return jnp.mean(x**2)
+
+    x = np.random.default_rng(0).standard_normal((batch, sizes[0]), dtype=np.float32)
+    return f"MLP {'-'.join(map(str, sizes))}, batch {batch}", loss, params, x
+
+
+def transformer_case(quick: bool) -> Case:
+    d, heads, ff, seq, batch = (32, 2, 64, 8, 2) if quick else (128, 4, 512, 64, 8)
+    k = iter(jax.random.split(jax.random.key(1), 8))
+
+    def dense(n_in: int, n_out: int) -> dict:
+        return {
+            "w": jax.random.normal(next(k), (n_in, n_out)) / np.sqrt(n_in),
+            "b": jnp.zeros(n_out),
+        }
+
+    params = {
+        "ln1": {"scale": jnp.ones(d), "bias": jnp.zeros(d)},
+        "qkv": dense(d, 3 * d),
+        "out": dense(d, d),
+        "ln2": {"scale": jnp.ones(d), "bias": jnp.zeros(d)},
+        "ff1": dense(d, ff),
+        "ff2": dense(ff, d),
+    }
+
+    def layer_norm(p: dict, x: jax.Array) -> jax.Array:
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / jnp.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+    def block(p: dict, x: jax.Array) -> jax.Array:
+        b, s, _ = x.shape
+        h = layer_norm(p["ln1"], x)
+        q, kk, v = jnp.split(h @ p["qkv"]["w"] + p["qkv"]["b"], 3, axis=-1)
+        q, kk, v = (t.reshape(b, s, heads, d // heads) for t in (q, kk, v))
+        att = jax.nn.dot_product_attention(q, kk, v, is_causal=True).reshape(b, s, d)
+        x = x + att @ p["out"]["w"] + p["out"]["b"]
+        h = jax.nn.gelu(layer_norm(p["ln2"], x) @ p["ff1"]["w"] + p["ff1"]["b"])
+        return x + h @ p["ff2"]["w"] + p["ff2"]["b"]
+
+    def loss(p: dict, x: jax.Array) -> jax.Array:
+        return jnp.mean(block(p, x) ** 2)
+
+    x = np.random.default_rng(1).standard_normal((batch, seq, d), dtype=np.float32)
+    name = f"transformer block d={d}, {heads} heads, ff={ff}, seq {seq}, batch {batch}"
+    return name, loss, params, x
+
+
+def time_alternating(a: Callable[[], None], b: Callable[[], None], calls: int) -> tuple[list, list]:
+    """Per-call nanoseconds of `a` and `b`, called in turn."""
+    ta, tb = [], []
+    for _ in range(calls):
+        start = time.perf_counter_ns()
+        a()
+        mid = time.perf_counter_ns()
+        b()
+        ta.append(mid - start)
+        tb.append(time.perf_counter_ns() - mid)
+    return ta, tb
+
+
+def check_same_numbers(
+    module: torch.nn.Module, loss: Callable, params_j: dict, x: np.ndarray
+) -> None:
+    """The module computes JAX's loss and gradients (checked before timing)."""
+    value, grads = jax.jit(jax.value_and_grad(loss))(params_j, jnp.asarray(x))
+    module.zero_grad(set_to_none=True)
+    out = module(torch.from_numpy(x))
+    out.backward()
+    np.testing.assert_allclose(out.item(), float(value), rtol=1e-5)
+    for path, p in module.named_parameters():
+        g = grads
+        for part in path.split("."):
+            g = g[part]
+        np.testing.assert_allclose(p.grad.numpy(), np.asarray(g), rtol=1e-4, atol=1e-6)
+
+
+def run_case(case: Case, calls: int, warmup: int) -> list[tuple]:
+    name, loss, params, x_np = case
+    module = bridge.jax_to_torch(loss, params)
+    x_t, x_j = torch.from_numpy(x_np), jnp.asarray(x_np)
+    params_j = module.jax_params()  # the module's own memory, as JAX arrays
+    check_same_numbers(module, loss, params_j, x_np)
+    value_and_grad, forward = jax.jit(jax.value_and_grad(loss)), jax.jit(loss)
+
+    def torch_train() -> None:
+        module.zero_grad(set_to_none=True)
+        module(x_t).backward()
+
+    def jax_train() -> None:
+        jax.block_until_ready(value_and_grad(params_j, x_j))
+
+    def torch_forward() -> None:
+        with torch.no_grad():
+            module(x_t)
+
+    def jax_forward() -> None:
+        jax.block_until_ready(forward(params_j, x_j))
+
+    rows = []
+    for work, pair in (
+        ("forward + backward", (torch_train, jax_train)),
+        ("forward, no_grad", (torch_forward, jax_forward)),
+    ):
+        time_alternating(*pair, warmup)
+        t, j = time_alternating(*pair, calls)
+        rows.append((name, work, t, j))
+    return rows
+
+
+def fmt(ns: list[int]) -> str:
+    p10, p50, p90 = np.percentile(np.asarray(ns) / 1e3, [10, 50, 90])
+    return f"{p50:,.1f} [{p10:,.1f}, {p90:,.1f}]"
+
+
+def median_us(ns: list[int]) -> float:
+    return float(np.median(ns)) / 1e3
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def render(rows: list[tuple], quick: bool, calls: int, load: tuple[float, ...]) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    env = "BRIDGE_BENCH_QUICK=1 " if quick else ""
+    lines = [
+        "## jax_to_torch: a JAX model as a torch `nn.Module` vs pure JAX",
+        "",
+        f"- Command: `{env}.venv/bin/python benchmarks/bench_jax_to_torch.py` ({now})",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, load average at start "
+        f"{', '.join(f'{v:.2f}' for v in load)}; {platform.platform()}",
+        f"- Versions: Python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"jax {jax.__version__}, backend {jax.default_backend()}",
+        f"- Method: float32, `torch.set_num_threads({TORCH_THREADS})`; {calls} calls per row "
+        "after warm-up, the torch and JAX calls alternating; per-call microseconds as median "
+        "[p10, p90]. torch module: `module.zero_grad(set_to_none=True); module(x).backward()` "
+        "on `bridge.jax_to_torch(loss, params)`. Pure JAX: "
+        "`jax.jit(jax.value_and_grad(loss))(params, x)` and `jax.block_until_ready`. Loss "
+        "and every gradient were checked equal (rtol 1e-4) before timing.",
+        "",
+        "| model | work | pure JAX us | torch module us | overhead us | ratio |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    targets = []
+    for name, work, t, j in rows:
+        over = median_us(t) - median_us(j)
+        lines.append(
+            f"| {name} | {work} | {fmt(j)} | {fmt(t)} | {over:,.1f} | "
+            f"{median_us(t) / median_us(j):.2f}x |"
+        )
+        budget = 1.2 * median_us(j) + 50
+        met = "met" if median_us(t) <= budget else "**missed**"
+        targets.append(
+            f"- {name}, {work}: {median_us(t):,.1f} us against 1.2 x {median_us(j):,.1f} + 50 "
+            f"= {budget:,.1f} us: {met}"
+        )
+    return "\n".join(
+        [*lines, "", "Targets (torch module <= 1.2 x pure JAX + 50 us):", "", *targets, ""]
+    )
+
+
+def main() -> None:
+    quick = os.environ.get("BRIDGE_BENCH_QUICK") == "1"
+    out_dir = Path(os.environ.get("BRIDGE_BENCH_RESULTS", DEFAULT_RESULTS))
+    if quick and out_dir.resolve() == DEFAULT_RESULTS:
+        raise SystemExit(
+            "BRIDGE_BENCH_QUICK=1 needs BRIDGE_BENCH_RESULTS=DIR (not benchmarks/results): "
+            "quick numbers must not replace the real ones."
+        )
+    torch.set_num_threads(TORCH_THREADS)
+    load = os.getloadavg()
+    calls, warmup = (20, 5) if quick else (300, 30)
+    rows = []
+    for make in (mlp_case, transformer_case):
+        rows.extend(run_case(make(quick), calls, warmup))
+    text = render(rows, quick, calls, load)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_jax_to_torch.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Benchmarks: bench_dlpack.py's quick mode writes every row with sharing
+verified, its sharing check catches copies, and run.py selects scripts and
+builds the README from the results files. Nothing here asserts on time."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+
+# The cases of bench_dlpack.QUICK, in the order the table lists them.
+QUICK_CASES = ["1 KiB tensor", "64 KiB tensor", "state_dict, 10 x 8x8"]
+DIRECTIONS = ["torch -> jax", "jax -> torch"]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows[1:]]
+
+
+def test_bench_dlpack_quick_mode_writes_every_row_with_sharing_verified(tmp_path):
+    real = BENCHMARKS / "results" / "bench_dlpack.md"
+    real_before = real.read_bytes() if real.exists() else None
+    env = {**os.environ, "BRIDGE_BENCH_QUICK": "1", "BRIDGE_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_dlpack.py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+    assert [p.name for p in tmp_path.iterdir()] == ["bench_dlpack.md"]
+    text = (tmp_path / "bench_dlpack.md").read_text()
+    rows = table_rows(text)
+    assert [(r[0], r[1]) for r in rows] == [(c, d) for c in QUICK_CASES for d in DIRECTIONS]
+    for case, _, _, raw_us, bridge_us, ratio, shared in rows:
+        assert float(raw_us.split()[0].replace(",", "")) > 0, case
+        assert float(bridge_us.split()[0].replace(",", "")) > 0, case
+        assert ratio.endswith("x"), case
+        assert shared.startswith("yes (") and int(shared.split()[1].lstrip("(")) > 0, case
+    command = next(line for line in text.splitlines() if line.startswith("- Command: "))
+    assert command.startswith("- Command: `BRIDGE_BENCH_QUICK=1 ")
+    assert "python benchmarks/bench_dlpack.py`" in command
+    assert text.count("sharing is O(1)") == 2
+    assert text.count("overhead on a single tensor") == 2
+    assert (real.read_bytes() if real.exists() else None) == real_before
+
+
+def test_bench_dlpack_quick_mode_refuses_the_real_results_folder():
+    env = {k: v for k, v in os.environ.items() if k != "BRIDGE_BENCH_RESULTS"}
+    env["BRIDGE_BENCH_QUICK"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_dlpack.py"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode != 0
+    assert "BRIDGE_BENCH_RESULTS" in proc.stderr
+
+
+def test_bench_dlpack_sharing_check_rejects_a_copy():
+    bench = load("bench_dlpack")
+    t = torch.ones(256)
+    copied = jnp.asarray(t.numpy().copy())
+    with pytest.raises(AssertionError, match="does not share"):
+        bench._check_tensor_to_jax(t, copied)
+    with pytest.raises(AssertionError, match="does not share"):
+        bench._check_jax_to_tensor(copied, t)
+
+
+def test_run_selects_scripts_by_name():
+    run = load("run")
+    script = BENCHMARKS / "bench_dlpack.py"
+    assert script in run.select([])
+    assert run.select(["dlpack"]) == [script]
+    assert run.select(["bench_dlpack.py", "dlpack"]) == [script]
+    with pytest.raises(SystemExit, match="no benchmark named nosuch; available: .*dlpack"):
+        run.select(["nosuch"])
+
+
+def test_run_readme_is_header_then_results_in_name_order(tmp_path):
+    run = load("run")
+    (tmp_path / "bench_b.md").write_text("## b\n\n| x |\n")
+    (tmp_path / "bench_a.md").write_text("## a\n\n| y |\n")
+    (tmp_path / "bench_a.md.tmp").write_text("half-written")
+    readme = run.render_readme(tmp_path)
+    assert readme.startswith(run.HEADER)
+    assert readme[len(run.HEADER) :] == "\n## a\n\n| y |\n\n## b\n\n| x |\n"
