@@ -23,7 +23,9 @@ import torch
 
 from bridge import capture as capture_lib
 from bridge import interpreter
-from bridge.dlpack import register_jax_pytree, to_jax
+import torch.utils._pytree as torch_pytree
+
+from bridge.dlpack import _map_tree, register_jax_pytree, to_jax
 from bridge.ops.registry import MissingKeyError
 
 __all__ = ["MissingKeyError", "torch_to_jax", "torch_to_jax_with_state"]
@@ -301,25 +303,16 @@ def _leaf_signature(x: Any) -> Any:
 
 
 def _unflatten_outputs(leaves: list[Any], out_spec: Any) -> Any:
-    """Rebuild torch's output structure around JAX values, as a JAX pytree."""
-    import torch.utils._pytree as torch_pytree
+    """Rebuild torch's output structure around JAX values, as a JAX pytree.
 
-    placeholders = [_Slot(i) for i in range(len(leaves))]
+    torch's unflatten functions (ModelOutput, transformers caches) expect
+    tensors, so the structure is built around distinct empty placeholder
+    tensors, which are then swapped for the JAX values by identity.
+    """
+    placeholders = [torch.empty(0) for _ in leaves]
+    slot = {id(t): i for i, t in enumerate(placeholders)}
     skeleton = torch_pytree.tree_unflatten(placeholders, out_spec)
-    return _fill(skeleton, leaves)
-
-
-class _Slot:
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-
-
-def _fill(tree: Any, leaves: list[Any]) -> Any:
-    from bridge.dlpack import _map_tree
-
-    return _map_tree(tree, lambda s: leaves[s.index], lambda x: isinstance(x, _Slot), "jax")
+    return _map_tree(skeleton, lambda t: leaves[slot[id(t)]], lambda x: isinstance(x, torch.Tensor), "jax")
 
 
 # re-exported for users who want to register their own output types

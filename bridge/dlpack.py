@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -198,7 +200,10 @@ def _map_tree(
             return x
         if isinstance(x, tuple):
             items = [rec(v) for v in x]
-            return type(x)._make(items) if hasattr(x, "_fields") else type(x)(items)
+            if hasattr(x, "_fields"):
+                return type(x)._make(items)
+            # torch.return_types.* are structseqs, which JAX does not know.
+            return tuple(items) if registry == "jax" or type(x) is tuple else type(x)(items)
         if isinstance(x, list):
             return type(x)(rec(v) for v in x)
         if dataclasses.is_dataclass(x) and not isinstance(x, type):
@@ -320,6 +325,16 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+@functools.cache
+def _jax_reads_strides() -> bool:
+    """Whether this jax's from_dlpack honours strides (jax 0.7.1 ignores them)."""
+    probe = torch.arange(6.0).reshape(2, 3).t()
+    try:
+        return bool((np.asarray(jax.dlpack.from_dlpack(probe)) == probe.numpy()).all())
+    except Exception:
+        return False
+
+
 def _why_not_shared(t: torch.Tensor) -> str | None:
     """Why `t`'s memory cannot be handed to JAX as it is, or None if it can."""
     if t.is_conj():
@@ -331,6 +346,11 @@ def _why_not_shared(t: torch.Tensor) -> str | None:
             f"its strides {tuple(t.stride())} for shape {tuple(t.shape)} are not a dense "
             "layout (a step slice, a partial slice or an expanded tensor); "
             "use `.contiguous()` to make one"
+        )
+    if not t.is_contiguous() and not _jax_reads_strides():
+        return (
+            f"this jax ({jax.__version__}) reads DLPack tensors as contiguous, so a transposed "
+            "layout must be copied; use `.contiguous()` to make one"
         )
     if t.device.type == "cpu" and t.numel() and t.data_ptr() % _JAX_CPU_ALIGNMENT:
         return (
@@ -385,6 +405,10 @@ def _tensor_to_jax(t: torch.Tensor, copy: bool | None) -> jax.Array:
     _check_convertible(t)
     if t.requires_grad:
         t = t.detach()
+    if t.device.type == "xla":
+        from bridge import xla
+
+        return xla.tensor_to_jax(t, copy)
     if t.dtype in dtypes.WIDE_DTYPES and not dtypes.x64_enabled():
         return _share_with_jax(_narrow_x64(t, copy).contiguous())
     if copy:
@@ -462,6 +486,10 @@ def _array_to_torch(a: jax.Array, copy: bool | None) -> torch.Tensor:
     dtypes.to_torch_dtype(a.dtype)  # raises UnsupportedDtypeError with the fix
     if a.is_deleted():
         raise ValueError("to_torch got a JAX array whose buffer was deleted or donated.")
+    if next(iter(a.sharding.device_set)).platform == "tpu" and "torch_xla" in sys.modules:
+        from bridge import xla  # torch_xla is in use: TPU arrays land on its device
+
+        return xla.array_to_xla(a, copy)
     source, why = _single_buffer(a)
     if source is None:
         if copy is False:

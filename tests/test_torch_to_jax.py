@@ -161,7 +161,9 @@ def test_with_state_returns_torch_running_stats_without_mutation():
     assert list(state) == [n for n, _ in m.named_buffers()]
     before = {k: np.asarray(v).copy() for k, v in state.items()}
     x = torch.randn(2, 3, 6, 6)
-    out, new_state = jax.jit(apply)(params, state, bridge.to_jax(x))
+    out, new_state = jax.block_until_ready(jax.jit(apply)(params, state, bridge.to_jax(x)))
+    # JAX runs asynchronously and `state` shares the module's buffers: the
+    # block above must finish before torch writes into them (docs/aliasing).
     # nothing mutated: not the state we passed, not the module
     for k, v in state.items():
         np.testing.assert_array_equal(np.asarray(v), before[k])
@@ -171,7 +173,7 @@ def test_with_state_returns_torch_running_stats_without_mutation():
         close(new_state[name], b.float() if b.dtype == torch.int64 else b)
     assert int(new_state["1.num_batches_tracked"]) == 1
     # the returned state threads through a second step
-    _, state2 = apply(params, new_state, bridge.to_jax(x))
+    _, state2 = jax.block_until_ready(apply(params, new_state, bridge.to_jax(x)))
     m(x)
     close(state2["1.running_var"], m[1].running_var)
 
