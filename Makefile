@@ -3,6 +3,8 @@
 #   make test        .venv + pytest (the CI test command)
 #   make test-xla    torch_xla environment + the tests marked `xla`
 #   make bench       .venv + benchmarks/
+#   make coverage    regenerate docs/ops.md from the OpInfo sweep
+#   make conformance the full multi-dtype OpInfo sweep
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -37,6 +39,12 @@ test: venv
 
 bench: venv
 	$(PY) benchmarks/run.py
+
+coverage: venv
+	$(PY) tools/coverage.py
+
+conformance: venv
+	BRIDGE_CONFORMANCE=full $(PY) -m pytest tests/test_opinfo.py -n 2 $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check bridge adapters tests examples benchmarks
