@@ -78,13 +78,13 @@ class _Wrapper(torch.nn.Module):
         return self._call(self.m, *args, **kwargs)
 
 
-def example_tensor(leaf: Leaf) -> torch.Tensor:
+def example_tensor(leaf: Leaf, device: torch.device | None = None) -> torch.Tensor:
     dtype = dtypes.to_torch_dtype(leaf.dtype)
     # With x64 off, JAX has only 32-bit integers; torch code expects its own
     # convention (int64 ids and indices), which JAX then runs as int32.
     if not dtypes.x64_enabled():
         dtype = {torch.int32: torch.int64, torch.uint32: torch.uint64}.get(dtype, dtype)
-    return torch.zeros(leaf.shape, dtype=dtype)
+    return torch.zeros(leaf.shape, dtype=dtype, device=device)
 
 
 def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured:
@@ -96,7 +96,9 @@ def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured
     global capture_count
     capture_count += 1
     array_pos = [i for i, leaf in enumerate(sig.leaves) if isinstance(leaf, Leaf)]
-    examples = tuple(example_tensor(sig.leaves[i]) for i in array_pos)
+    # Example inputs live where the module's parameters do (e.g. an XLA device).
+    device = next((p.device for p in module.parameters()), None)
+    examples = tuple(example_tensor(sig.leaves[i], device) for i in array_pos)
 
     def rebuild(tensors):
         leaves = list(sig.leaves)

@@ -110,7 +110,7 @@ def resnet(attn: str):
 
 
 def convnext(attn: str):
-    cfg = tf.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_labels=5, image_size=32)
+    cfg = tf.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5, image_size=32)
     return cfg, lambda: {"pixel_values": _pixels()}
 
 

@@ -16,6 +16,9 @@ import bridge
 from bridge import capture
 from bridge.interpreter import UnsupportedOpsError
 
+# Core trace-mode tests run in both environments (make test and make test-xla).
+pytestmark = pytest.mark.xla
+
 FWD = dict(rtol=1e-4, atol=1e-5)
 GRAD = dict(rtol=1e-3, atol=1e-5)
 

@@ -4,7 +4,8 @@ configs, translated with torch_to_jax and compared with torch eager.
 Forward: every tensor in the output (logits, caches, hidden states) at max
 relative error 1e-4 (max |jax - torch| / max |torch|, per tensor).
 Gradient: jax.grad of a fixed random projection of the logits against
-torch.autograd, 1e-3 per parameter, under jax.jit."""
+torch.autograd, 1e-3 per parameter (relative to the larger of that parameter's
+gradient and 1% of the model's largest), under jax.jit."""
 
 from __future__ import annotations
 
@@ -58,10 +59,15 @@ def test_forward_and_grad_match_torch(name, attn):
 
     grads = jax.jit(jax.grad(loss))(params)
     (main_output(model(**inputs)) * w).sum().backward()
+    # Per-parameter relative error, its denominator floored at 1% of the largest
+    # gradient in the model: some gradients are exactly zero in exact arithmetic
+    # (a key-projection bias shifts every attention score of a query equally),
+    # and both frameworks return rounding noise there.
+    floor = 0.01 * max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
     for pname, p in model.named_parameters():
         if p.grad is None:
             continue
-        scale = max(p.grad.abs().max().item(), 1e-6)
+        scale = max(p.grad.abs().max().item(), floor)
         err = np.abs(np.asarray(grads[pname]) - p.grad.numpy()).max() / scale
         assert err <= 1e-3, (pname, err)
 

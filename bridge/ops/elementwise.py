@@ -717,9 +717,9 @@ def angle(ctx, x):
 
 @lowering(aten.polar.default)
 def polar(ctx, magnitude, phase):
-    return lax.complex(magnitude * jnp.cos(phase), magnitude * jnp.sin(phase))
+    return complex_(ctx, magnitude * jnp.cos(phase), magnitude * jnp.sin(phase))
 
 
 @lowering(aten.complex.default)
 def complex_(ctx, real, imag):
-    return lax.complex(real, imag)
+    return lax.complex(*jnp.broadcast_arrays(real, imag))

@@ -1,0 +1,470 @@
+"""torch_xla interop: XLA-device tensors and JAX computations inside torch_xla graphs.
+
+Two ways to run mixed torch/JAX code on TPU (see docs/tpu.md):
+
+- JAX drives: `bridge.torch_to_jax` translates torch code into JAX, and JAX
+  compiles and shards it (adapters/sharding.py places the parameters).
+- torch_xla drives: `xla_call(jax_fn, *tensors)` runs a JAX function on
+  XLA-device tensors *inside* the torch_xla lazy graph through
+  `torch_xla.core.xla_builder.call_jax`: the JAX function is lowered to HLO and
+  spliced into the graph, so nothing leaves the device. Its backward is the
+  JAX VJP, spliced in the same way, with the forward's residuals kept as XLA
+  tensors.
+
+Exchanging buffers (`bridge.to_jax` / `bridge.to_torch` delegate here for
+XLA-device tensors; `to_xla` is the explicit JAX -> XLA-device direction):
+
+- torch_xla's DLPack only covers its CPU PJRT device (`PJRT_DEVICE=CPU`);
+  there the buffer is shared without a copy. On TPU (or GPU PJRT) the value
+  crosses through the host, which `copy=False` refuses with `SharingError`.
+- A shared buffer is a snapshot: torch_xla tensors are functional, so an
+  in-place torch op (`p.add_(1)`, an optimizer step) rebinds the tensor to a new
+  device buffer and the JAX array keeps the old values (and vice versa). No
+  write is ever seen through the other side, so `checked_writes` does not
+  track these buffers.
+
+Everything that differs between the supported versions (torch_xla 2.9 with
+jax 0.7.1, and jax 0.10 without torch_xla) is in the "Compatibility" section.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import torch
+
+__all__ = [
+    "available",
+    "device_type",
+    "is_xla_tensor",
+    "sync",
+    "to_xla",
+    "xla_call",
+    "xla_device",
+]
+
+# --------------------------------------------------------------------------
+# Compatibility: the one place that knows torch_xla's and JAX's version quirks
+
+
+def _torch_xla() -> Any:
+    """The imported torch_xla module, importing it if it is installed."""
+    module = sys.modules.get("torch_xla")
+    if module is not None:
+        return module
+    try:
+        import torch_xla
+    except ImportError:
+        return None
+    return torch_xla
+
+
+def available() -> bool:
+    """True if torch_xla is installed and importable."""
+    return _torch_xla() is not None
+
+
+def _require() -> Any:
+    torch_xla = _torch_xla()
+    if torch_xla is None:
+        raise ImportError(
+            "this needs torch_xla (pip install torch_xla, or use the torch_xla environment: "
+            "`make venv-xla`)."
+        )
+    return torch_xla
+
+
+def is_xla_tensor(x: Any) -> bool:
+    """True for a torch tensor on a torch_xla device."""
+    return isinstance(x, torch.Tensor) and x.device.type == "xla"
+
+
+def xla_device() -> torch.device:
+    """torch_xla's default device (`torch_xla.device()`, `xm.xla_device()` before 2.5)."""
+    torch_xla = _require()
+    if hasattr(torch_xla, "device"):
+        return torch_xla.device()
+    import torch_xla.core.xla_model as xm
+
+    return xm.xla_device()
+
+
+def device_type() -> str:
+    """The hardware behind torch_xla's devices: 'TPU', 'CPU', 'CUDA', ..."""
+    _require()
+    import torch_xla.runtime as xr
+
+    return xr.device_type()
+
+
+def sync() -> None:
+    """Run torch_xla's pending graph (`torch_xla.sync()`, `xm.mark_step()` before 2.5)."""
+    torch_xla = _require()
+    if hasattr(torch_xla, "sync"):
+        torch_xla.sync()
+    else:
+        import torch_xla.core.xla_model as xm
+
+        xm.mark_step()
+
+
+def _materialize(tensors: list[torch.Tensor]) -> None:
+    # torch_xla's DLPack export aborts the process (a failed C++ CHECK, not an
+    # exception) on a tensor whose value is still a pending lazy graph, so
+    # every export first runs that graph and waits for the buffers.
+    torch_xla = _require()
+    torch_xla._XLAC._xla_sync_multi(list(tensors), devices=[], wait=True)
+
+
+def _buffer_pointer(t: torch.Tensor) -> int:
+    return _require()._XLAC._unsafe_buffer_pointer(t)
+
+
+class _Capsule:
+    """A DLPack capsule dressed as an array: newer JAX only imports `__dlpack__` objects."""
+
+    def __init__(self, capsule: Any) -> None:
+        self._capsule = capsule
+
+    def __dlpack__(self, **_: Any) -> Any:
+        return self._capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)  # kDLCPU: torch_xla exports only its CPU device
+
+
+_COMPUTATIONS: dict[Any, Callable] = {}
+
+
+def _call_jax(fn: Callable, tensors: tuple, key: Any) -> list[torch.Tensor]:
+    """Run `fn` (flat arrays -> flat list of arrays) on XLA tensors inside the lazy graph.
+
+    This is `torch_xla.core.xla_builder.call_jax` minus its torchax dependency
+    (torchax 0.0.13 imports flax at import time, which the torch_xla
+    environment does not have): `fn` is lowered with `jax.jit` to an HLO
+    module, which torch_xla adds to its graph as a user computation. `key`
+    names one input signature; its computation is built once.
+    """
+    torch_xla = _require()
+    run = _COMPUTATIONS.get(key)
+    if run is None:
+        from bridge import dtypes
+
+        # torch_xla must own the devices before JAX initialises (it would
+        # otherwise lock the TPU), as torch_xla's own jax_import_guard does.
+        torch_xla._XLAC._init_computation_client()
+        avals = [
+            jax.ShapeDtypeStruct(tuple(t.shape), dtypes.to_jax_dtype(t.dtype)) for t in tensors
+        ]
+        with _gspmd_lowering():
+            lowered = jax.jit(lambda *xs: tuple(fn(*xs)), keep_unused=True).lower(*avals)
+        proto = lowered.compiler_ir("hlo").as_serialized_hlo_module_proto()
+        name = f"xla::bridge_{key[0].rsplit('.', 1)[-1]}_{key[1]}"
+        computation = torch_xla._XLAC._xla_op_computation_from_module_proto(name, proto)
+
+        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            return torch_xla._XLAC._xla_user_computation(name, inputs, computation)
+
+        _COMPUTATIONS[key] = run
+    return list(run(list(tensors)))
+
+
+def _gspmd_lowering() -> Any:
+    # torch_xla reads GSPMD sharding annotations, not Shardy's (torch_xla's
+    # call_jax flips the global flag; a context keeps the user's setting).
+    import contextlib
+
+    from jax._src import config
+
+    state = getattr(config, "use_shardy_partitioner", None)
+    return state(False) if callable(state) else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------
+# Buffers: XLA tensors <-> JAX arrays
+
+
+def _shareable() -> bool:
+    return device_type() == "CPU"
+
+
+def why_not_shared(t: torch.Tensor) -> str | None:
+    """Why XLA tensor `t` cannot be handed to JAX without a copy, or None if it can."""
+    if not _shareable():
+        return (
+            f"torch_xla's DLPack covers only its CPU device, and this tensor lives on "
+            f"{device_type()} (torch device '{t.device}'), so it crosses through the host; "
+            "to stay on the device, run the JAX code inside the torch_xla graph with "
+            "bridge.xla.xla_call"
+        )
+    return None
+
+
+def tensor_to_jax(t: torch.Tensor, copy: bool | None) -> jax.Array:
+    """`bridge.to_jax` for an XLA-device tensor (already checked and detached).
+
+    Shares the device buffer when torch_xla runs on its CPU device; otherwise
+    (TPU) copies through the host onto JAX's default device, unless
+    `copy=False`, which raises `SharingError`.
+    """
+    from bridge import dtypes
+    from bridge.dlpack import SharingError, _narrow_x64, _tensor_to_jax
+
+    if t.dtype in dtypes.WIDE_DTYPES and not dtypes.x64_enabled():
+        t = _narrow_x64(t, copy)
+    why = why_not_shared(t)
+    if why is not None or copy:
+        if copy is False:
+            raise SharingError(
+                f"to_jax(copy=False) cannot share the xla tensor of shape {tuple(t.shape)} "
+                f"and dtype {t.dtype}: {why}. Pass copy=None to allow the transfer."
+            )
+        # Through the host: a private CPU tensor, then JAX's default device.
+        host = _tensor_to_jax(t.to("cpu"), copy=None)
+        return host if jax.default_backend() == "cpu" else jax.device_put(host)
+    _materialize([t])
+    from torch_xla.utils import dlpack as xla_dlpack
+
+    out = jax.dlpack.from_dlpack(_Capsule(xla_dlpack.to_dlpack(t)))
+    if t.numel() and out.unsafe_buffer_pointer() != _buffer_pointer(t):
+        if copy is False:
+            raise SharingError(
+                f"to_jax(copy=False): JAX copied the xla tensor of shape {tuple(t.shape)} on "
+                "import; it cannot be shared."
+            )
+    return out
+
+
+def array_to_xla(
+    a: jax.Array, copy: bool | None, device: torch.device | None = None
+) -> torch.Tensor:
+    """A JAX array as a torch_xla tensor: shared on torch_xla's CPU device, else a transfer."""
+    from bridge.dlpack import SharingError, _array_to_torch
+
+    device = torch.device(device) if device is not None else xla_device()
+    platform = next(iter(a.devices())).platform
+    shareable = _shareable() and platform == "cpu" and len(a.sharding.device_set) == 1
+    if shareable and not copy:
+        from torch_xla.utils import dlpack as xla_dlpack
+
+        out = xla_dlpack.from_dlpack(a)
+        if out.device == device:
+            return out
+    if copy is False:
+        raise SharingError(
+            f"to_xla(copy=False) cannot share the JAX array of shape {a.shape} on "
+            f"'{platform}' with torch_xla's {device_type()} device '{device}': torch_xla's "
+            "DLPack covers only its CPU device. Pass copy=None to allow the transfer."
+        )
+    host = _array_to_torch(a, copy=None) if platform == "cpu" else torch.from_numpy(np.array(a))
+    return host.to(device)
+
+
+def to_xla(tree: Any, *, copy: bool | None = None, device: torch.device | str | None = None) -> Any:
+    """Move every JAX array and torch tensor in `tree` onto a torch_xla device.
+
+    Args:
+        tree: a JAX array, torch tensor or any pytree of them.
+        copy: None shares JAX CPU buffers with torch_xla's CPU device and
+            transfers otherwise; False shares or raises `SharingError`; True
+            always transfers.
+        device: the torch_xla device (default `torch_xla.device()`).
+
+    Returns:
+        The same structure with XLA-device tensors in place of arrays/tensors.
+    """
+    from bridge.dlpack import SharingError, _map_tree
+
+    _require()
+    dev = torch.device(device) if device is not None else xla_device()
+
+    def leaf(x: Any) -> torch.Tensor:
+        if isinstance(x, jax.Array):
+            return array_to_xla(x, copy, dev)
+        if x.device == dev and not copy:
+            return x
+        if copy is False:
+            raise SharingError(
+                f"to_xla(copy=False) got a torch tensor on '{x.device}'; moving it to '{dev}' "
+                "is a transfer. Pass copy=None to allow it."
+            )
+        return x.to(dev)
+
+    return _map_tree(tree, leaf, lambda x: isinstance(x, (jax.Array, torch.Tensor)), "torch")
+
+
+# --------------------------------------------------------------------------
+# JAX inside the torch_xla graph
+
+
+_keys = itertools.count()
+
+
+def _inexact(dtype: Any) -> bool:
+    return bool(np.issubdtype(np.dtype(dtype), np.inexact))
+
+
+class _Entry:
+    """One (function, argument signature, differentiability) of `xla_call`.
+
+    Holds what tracing learns and torch needs afterwards: the output
+    structure and the structure of the VJP's residuals. Tracing happens once
+    per entry (call_jax caches the compiled HLO under `key`).
+    """
+
+    def __init__(self, fn: Callable, statics: tuple, treedef: Any, diff: tuple[bool, ...]) -> None:
+        self.fn = fn
+        self.statics = statics
+        self.treedef = treedef
+        self.diff = diff
+        self.fwd_key = ("bridge.xla.fwd", next(_keys))
+        self.bwd_key = ("bridge.xla.bwd", next(_keys))
+        self.out_def: Any = None
+        self.out_inexact: tuple[bool, ...] = ()
+        self.vjp_def: Any = None
+
+    def call(self, arrays: tuple) -> Any:
+        it = iter(arrays)
+        leaves = [next(it) if s is _TENSOR else s for s in self.statics]
+        args, kwargs = jax.tree_util.tree_unflatten(self.treedef, leaves)
+        return self.fn(*args, **kwargs)
+
+    def record_outputs(self, out: Any) -> list[Any]:
+        leaves, out_def = jax.tree_util.tree_flatten(out)
+        self.out_def = out_def
+        self.out_inexact = tuple(_inexact(x.dtype) for x in leaves)
+        return leaves
+
+    # The three JAX functions handed to call_jax (flat tensors in, flat out).
+
+    def plain(self, *arrays: Any) -> list[Any]:
+        return self.record_outputs(self.call(arrays))
+
+    def forward(self, *arrays: Any) -> list[Any]:
+        idx = [i for i, d in enumerate(self.diff) if d]
+
+        def g(*d: Any) -> tuple[list[Any], list[Any]]:
+            full = list(arrays)
+            for i, v in zip(idx, d, strict=True):
+                full[i] = v
+            leaves = self.record_outputs(self.call(tuple(full)))
+            diff_out = [x for x, f in zip(leaves, self.out_inexact, strict=True) if f]
+            other = [x for x, f in zip(leaves, self.out_inexact, strict=True) if not f]
+            return diff_out, other
+
+        diff_out, vjp, other = jax.vjp(g, *[arrays[i] for i in idx], has_aux=True)
+        residuals, self.vjp_def = jax.tree_util.tree_flatten(vjp)
+        d_it, o_it = iter(diff_out), iter(other)
+        outs = [next(d_it) if f else next(o_it) for f in self.out_inexact]
+        return [*outs, *residuals]
+
+    def backward(self, *arrays: Any) -> list[Any]:
+        n_res = self.vjp_def.num_leaves
+        vjp = jax.tree_util.tree_unflatten(self.vjp_def, arrays[:n_res])
+        return list(vjp(list(arrays[n_res:])))
+
+
+_TENSOR = object()  # marks a tensor slot in a signature
+_ENTRIES: dict[tuple, _Entry] = {}
+
+
+class _XlaJaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, entry: _Entry, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flat = _call_jax(entry.forward, tensors, entry.fwd_key)
+        n_out = len(entry.out_inexact)
+        outs, residuals = flat[:n_out], flat[n_out:]
+        ctx.entry = entry
+        ctx.out_meta = [(o.shape, o.dtype, o.device) for o in outs]
+        ctx.save_for_backward(*residuals)
+        ctx.mark_non_differentiable(
+            *[o for o, f in zip(outs, entry.out_inexact, strict=True) if not f]
+        )
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        entry: _Entry = ctx.entry
+        cts = [
+            g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+            for g, (shape, dtype, device), f in zip(
+                grads, ctx.out_meta, entry.out_inexact, strict=True
+            )
+            if f
+        ]
+        in_grads = iter(_call_jax(entry.backward, (*ctx.saved_tensors, *cts), entry.bwd_key))
+        return (None, *[next(in_grads) if d else None for d in entry.diff])
+
+
+def xla_call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Run the JAX function `fn` on XLA-device tensors inside the torch_xla graph.
+
+    `fn(*args, **kwargs)` is traced with `jax.jit` once per argument signature,
+    lowered to HLO and added to torch_xla's lazy graph (through
+    `torch_xla.core.xla_builder.call_jax`), so it runs on the device with the
+    surrounding torch code, with no transfer to the host. If any floating
+    tensor requires grad, the call is differentiable: the forward also returns
+    the residuals of `jax.vjp(fn)` as XLA tensors, and the backward runs the
+    VJP in the graph the same way.
+
+    Args:
+        fn: a pure, `jax.jit`-traceable function of JAX arrays; keep the same
+            function object across calls so its compilation is cached.
+        *args, **kwargs: a pytree of XLA-device tensors (they become JAX
+            arrays) and hashable Python values (passed to `fn` as constants).
+
+    Returns:
+        `fn`'s output structure with XLA-device tensors in place of arrays.
+        Integer and boolean outputs carry no gradient.
+
+    Raises:
+        TypeError: a tensor not on an XLA device, or an unhashable
+            non-tensor argument.
+    """
+    _require()
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    tensors: list[torch.Tensor] = []
+    statics: list[Any] = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            if leaf.device.type != "xla":
+                raise TypeError(
+                    f"xla_call: argument leaf #{i} is a tensor on '{leaf.device}', not on an "
+                    "XLA device. Move it with `.to(torch_xla.device())` (JAX runs inside the "
+                    "torch_xla graph, so every tensor must be there)."
+                )
+            tensors.append(leaf)
+            statics.append(_TENSOR)
+            continue
+        if isinstance(leaf, jax.Array):
+            raise TypeError(
+                f"xla_call: argument leaf #{i} is a JAX array; pass XLA tensors "
+                "(bridge.xla.to_xla(array)) or close over constants in `fn`."
+            )
+        try:
+            hash(leaf)
+        except TypeError:
+            raise TypeError(
+                f"xla_call: argument leaf #{i} is a {type(leaf).__name__}, neither an XLA "
+                "tensor nor a hashable constant."
+            ) from None
+        statics.append(leaf)
+    grad = torch.is_grad_enabled()
+    diff = tuple(
+        grad and t.requires_grad and (t.is_floating_point() or t.is_complex()) for t in tensors
+    )
+    sig = (fn, treedef, tuple(statics), tuple((t.shape, t.dtype) for t in tensors), diff)
+    entry = _ENTRIES.get(sig)
+    if entry is None:
+        entry = _ENTRIES[sig] = _Entry(fn, tuple(statics), treedef, diff)
+    if any(diff):
+        outs = _XlaJaxFunction.apply(entry, *tensors)
+    else:
+        outs = _call_jax(entry.plain, tuple(tensors), entry.fwd_key)
+    return jax.tree_util.tree_unflatten(entry.out_def, list(outs))

@@ -1,0 +1,26 @@
+"""Test collection shared by both environments.
+
+`make test-xla` runs in the torch_xla environment, which has neither
+transformers nor optax/flax: modules that need them are not collected there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests/models.py, opinfo_harness.py
+
+_NEEDS = {
+    "test_transformers_models.py": ["transformers"],
+    "test_examples.py": ["transformers", "optax"],
+    "test_jax_to_torch.py": ["optax", "flax"],
+    "test_examples_jax_to_torch.py": ["optax", "flax"],
+    "test_readme.py": ["optax"],
+    "test_dlpack.py": ["hypothesis"],
+}
+
+collect_ignore = [
+    name for name, modules in _NEEDS.items() if any(importlib.util.find_spec(m) is None for m in modules)
+]
