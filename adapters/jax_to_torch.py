@@ -247,8 +247,9 @@ class _JaxFn:
     residuals). Registered under `key` so compiled graphs can name it.
     """
 
-    def __init__(self, fn: Callable, name: str) -> None:
+    def __init__(self, fn: Callable, name: str, remat_policy: Callable | None = None) -> None:
         self.key = next(_fn_keys)
+        self.remat_policy = remat_policy
         _FNS[self.key] = self
         self.name = name
         self._fn = fn
@@ -293,6 +294,8 @@ class _JaxFn:
             layout[:] = [[_inexact(p) for p in prim]]
             return [p for p in prim if _inexact(p)], ([p for p in prim if not _inexact(p)], aux)
 
+        if self.remat_policy is not None:
+            g = jax.checkpoint(g, policy=self.remat_policy)
         dp, vjp, (nd, aux) = jax.vjp(g, *[xs[i] for i in idx], has_aux=True)
         dp_it, nd_it = iter(dp), iter(nd)
         prim = [next(dp_it) if is_diff else next(nd_it) for is_diff in layout[0]]
@@ -564,6 +567,12 @@ def _run(fn: _JaxFn, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     diff = tuple(
         grad and t.requires_grad and (t.is_floating_point() or t.is_complex()) for t in tensors
     )
+    if tensors and any(t.device.type == "xla" for t in tensors):
+        # On torch_xla devices the JAX computation joins torch_xla's own graph.
+        from bridge import xla
+
+        prim, aux = xla.xla_call(fn.traced, *tensors)
+        return [*prim, *aux]
     if _tracing(tensors):
         outs = torch.ops.bridge.jax_call(tensors, fn.key, list(diff))
         return list(outs[: fn.n_primary + fn.n_aux])
@@ -654,8 +663,10 @@ class _Spec:
         state: _Tree | None = None,
         train: tuple[str, bool] | None = None,
         rng: str | None = None,
+        remat_policy: Callable | None = None,
     ) -> None:
         self.fn, self.name = fn, name
+        self.remat_policy = remat_policy
         self.params, self.state = params, state
         self.train, self.rng = train, rng
         self.rng_impl = jax.random.key_impl(jax.random.key(0)) if rng else None
@@ -716,7 +727,7 @@ class _Spec:
             jfn.out_def = out_def
             return [_encode(x) for x in leaves], [*[_encode(x) for x in new_state], *new_key]
 
-        jfn = _JaxFn(flat, self.name)
+        jfn = _JaxFn(flat, self.name, self.remat_policy)
         return jfn
 
 
@@ -1008,7 +1019,7 @@ def _nnx_names(path: tuple) -> list[str]:
     return _path_parts(path)
 
 
-def _from_nnx(model: Any) -> JaxModule:
+def _from_nnx(model: Any, remat_policy: Callable | None) -> JaxModule:
     from flax import nnx
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -1029,12 +1040,18 @@ def _from_nnx(model: Any) -> JaxModule:
         params=_Tree(params),
         state=_Tree(rest),
         train=("_train", False),
+        remat_policy=remat_policy,
     )
     return JaxModule(spec, params, rest, name_of=_nnx_names)
 
 
 def _from_linen(
-    module: Any, variables: Any, train_arg: str | None, rng_streams: Sequence[str], seed: int
+    module: Any,
+    variables: Any,
+    train_arg: str | None,
+    rng_streams: Sequence[str],
+    seed: int,
+    remat_policy: Callable | None,
 ) -> JaxModule:
     from flax.core import unfreeze
 
@@ -1067,6 +1084,7 @@ def _from_linen(
         state=_Tree(state),
         train=_train_spec(train_arg, names, var_kw, type(module).__name__),
         rng="rng" if streams else None,
+        remat_policy=remat_policy,
     )
     return JaxModule(spec, params, state, seed=seed)
 
@@ -1084,6 +1102,7 @@ def jax_to_torch(
     rng_arg: str | None = "auto",
     seed: int = 0,
     rng_streams: Sequence[str] = ("dropout",),
+    remat_policy: Callable | None = None,
 ) -> JaxModule | Callable[..., Any]:
     """Turn a JAX function (with its parameters) into a torch module or function.
 
@@ -1113,6 +1132,10 @@ def jax_to_torch(
             on every call.
         seed: the seed of the module's PRNG key.
         rng_streams: for Linen, the RNG stream names given a key (`rngs=`).
+        remat_policy: a `jax.checkpoint` policy choosing which residuals the
+            forward keeps for the backward (e.g.
+            `jax.checkpoint_policies.dots_saveable`: keep matmul results,
+            recompute elementwise ops). None keeps all of `jax.vjp`'s.
 
     Returns:
         A `JaxModule` (an `nn.Module`), or for a lone function a torch
@@ -1133,14 +1156,14 @@ def jax_to_torch(
                 "jax_to_torch(nnx_module) takes no params or state: an nnx.Module carries its "
                 "own. Call jax_to_torch(model)."
             )
-        return _from_nnx(fn)
+        return _from_nnx(fn, remat_policy)
     if kind == "linen":
         if params is None:
             raise TypeError(
                 f"jax_to_torch({type(fn).__name__}) needs the module's variables: "
                 "jax_to_torch(module, module.init(key, *example_inputs))."
             )
-        return _from_linen(fn, params, train_arg, rng_streams, seed)
+        return _from_linen(fn, params, train_arg, rng_streams, seed, remat_policy)
     if not callable(fn):
         raise TypeError(
             f"jax_to_torch expects a JAX function, a flax module or (apply, params); got a "
@@ -1158,7 +1181,7 @@ def jax_to_torch(
                 f"jax_to_torch({name}): a lone function has no module to hold the mode or a "
                 "PRNG key; pass them as arguments, or wrap it as jax_to_torch(apply, params)."
             )
-        spec = _Spec(fn, name)
+        spec = _Spec(fn, name, remat_policy=remat_policy)
 
         @functools.wraps(fn)
         def torch_fn(*args: Any, **kwargs: Any) -> Any:
@@ -1173,5 +1196,6 @@ def jax_to_torch(
         state=None if state is None else _Tree(state),
         train=_train_spec(train_arg, names, var_kw, name),
         rng=_resolve(rng_arg, names, var_kw, _RNG_NAMES, "rng_arg", name),
+        remat_policy=remat_policy,
     )
     return JaxModule(spec, params, state, seed=seed)

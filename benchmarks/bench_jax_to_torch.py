@@ -41,6 +41,10 @@ import bridge
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 TORCH_THREADS = 1  # torch only glues here; its idle threads would compete with XLA's
 Case = tuple[str, Callable, dict, np.ndarray]
+# Residuals the forward keeps: all of jax.vjp's (the default), or matmul
+# results only, recomputing elementwise ops in the backward as XLA's fused
+# value_and_grad does.
+POLICIES = [("", None), (", remat_policy=dots_saveable", jax.checkpoint_policies.dots_saveable)]
 
 
 def mlp_case(quick: bool) -> Case:
@@ -140,34 +144,35 @@ def check_same_numbers(
 
 def run_case(case: Case, calls: int, warmup: int) -> list[tuple]:
     name, loss, params, x_np = case
-    module = bridge.jax_to_torch(loss, params)
     x_t, x_j = torch.from_numpy(x_np), jnp.asarray(x_np)
-    params_j = module.jax_params()  # the module's own memory, as JAX arrays
-    check_same_numbers(module, loss, params_j, x_np)
     value_and_grad, forward = jax.jit(jax.value_and_grad(loss)), jax.jit(loss)
-
-    def torch_train() -> None:
-        module.zero_grad(set_to_none=True)
-        module(x_t).backward()
-
-    def jax_train() -> None:
-        jax.block_until_ready(value_and_grad(params_j, x_j))
-
-    def torch_forward() -> None:
-        with torch.no_grad():
-            module(x_t)
-
-    def jax_forward() -> None:
-        jax.block_until_ready(forward(params_j, x_j))
-
     rows = []
-    for work, pair in (
-        ("forward + backward", (torch_train, jax_train)),
-        ("forward, no_grad", (torch_forward, jax_forward)),
-    ):
-        time_alternating(*pair, warmup)
-        t, j = time_alternating(*pair, calls)
-        rows.append((name, work, t, j))
+    for policy_name, policy in POLICIES:
+        module = bridge.jax_to_torch(loss, params, remat_policy=policy)
+        params_j = module.jax_params()  # the module's own memory, as JAX arrays
+        check_same_numbers(module, loss, params_j, x_np)
+
+        def torch_train(module: torch.nn.Module = module) -> None:
+            module.zero_grad(set_to_none=True)
+            module(x_t).backward()
+
+        def jax_train(params_j: dict = params_j) -> None:
+            jax.block_until_ready(value_and_grad(params_j, x_j))
+
+        def torch_forward(module: torch.nn.Module = module) -> None:
+            with torch.no_grad():
+                module(x_t)
+
+        def jax_forward(params_j: dict = params_j) -> None:
+            jax.block_until_ready(forward(params_j, x_j))
+
+        works = [("forward + backward", (torch_train, jax_train))]
+        if policy is None:  # the policy changes nothing without gradients
+            works.append(("forward, no_grad", (torch_forward, jax_forward)))
+        for work, pair in works:
+            time_alternating(*pair, warmup)
+            t, j = time_alternating(*pair, calls)
+            rows.append((name, f"{work}{policy_name}", t, j))
     return rows
 
 
@@ -206,7 +211,9 @@ def render(rows: list[tuple], quick: bool, calls: int, load: tuple[float, ...]) 
         "[p10, p90]. torch module: `module.zero_grad(set_to_none=True); module(x).backward()` "
         "on `bridge.jax_to_torch(loss, params)`. Pure JAX: "
         "`jax.jit(jax.value_and_grad(loss))(params, x)` and `jax.block_until_ready`. Loss "
-        "and every gradient were checked equal (rtol 1e-4) before timing.",
+        "and every gradient were checked equal (rtol 1e-4) before timing. Rows with "
+        "`remat_policy=dots_saveable` build the module with "
+        "`jax_to_torch(loss, params, remat_policy=jax.checkpoint_policies.dots_saveable)`.",
         "",
         "| model | work | pure JAX us | torch module us | overhead us | ratio |",
         "|---|---|---:|---:|---:|---:|",

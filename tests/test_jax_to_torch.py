@@ -197,6 +197,26 @@ def test_inplace_change_of_a_saved_input_is_detected():
         out.sum().backward()
 
 
+def test_remat_policy_keeps_fewer_residuals_same_gradients():
+    def deep(params, x):
+        for _ in range(3):
+            x = jnp.tanh(x @ params["w"]) * jax.nn.sigmoid(x)
+        return x
+
+    params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((4, 4), dtype=np.float32))}
+    x = torch.randn(5, 4)
+    grads, residuals = [], []
+    for policy in (None, jax.checkpoint_policies.dots_saveable):
+        module = bridge.jax_to_torch(deep, params, remat_policy=policy)
+        module(x).pow(2).sum().backward()
+        grads.append(module.w.grad)
+        fn = jitted_fn(module)
+        arrays = [module.w.detach().numpy(), x.numpy()]
+        residuals.append(len(fn.fwd_vjp((True, False), *arrays)[2].leaves))
+    close(grads[1], grads[0], RTOL_OP)
+    assert residuals[1] < residuals[0]
+
+
 def test_one_compilation_per_input_signature():
     module = bridge.jax_to_torch(mlp, make_params())
     for batch in (2, 3, 2, 3):

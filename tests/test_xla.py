@@ -268,3 +268,18 @@ def test_torch_to_jax_apply_of_xla_module_matches_torch(device):
     apply, params = bridge.torch_to_jax(m)
     out = apply(params, jnp.asarray(x.numpy()))
     np.testing.assert_allclose(np.asarray(out), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_jax_to_torch_function_runs_on_xla_tensors_with_gradients(device):
+    import jax.numpy as jnp
+
+    f = bridge.jax_to_torch(lambda x, w: jnp.tanh(x @ w).sum())
+    x_cpu = torch.randn(3, 4)
+    w_cpu = torch.randn(4, 2, requires_grad=True)
+    f(x_cpu, w_cpu).backward()
+    w_xla = w_cpu.detach().to(device).requires_grad_(True)
+    loss = f(x_cpu.to(device), w_xla)
+    assert loss.device.type == "xla"
+    loss.backward()
+    np.testing.assert_allclose(loss.cpu().item(), torch.tanh(x_cpu @ w_cpu).sum().item(), rtol=1e-5)
+    np.testing.assert_allclose(w_xla.grad.cpu().numpy(), w_cpu.grad.numpy(), rtol=1e-5, atol=1e-6)

@@ -284,7 +284,7 @@ def _cumulative_extreme(ctx, x, dim, later_wins):
     positions = lax.broadcasted_iota(ctx.dtype_of(1), x.shape, axis)
 
     def combine(a, b):
-        take_b = later_wins(a[0], b[0])
+        take_b = later_wins(b[0], a[0])
         if jnp.issubdtype(x.dtype, jnp.inexact):
             take_b = jnp.isnan(b[0]) | (take_b & ~jnp.isnan(a[0]))
         return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
@@ -377,34 +377,34 @@ def _median_position(x, axis, ignore_nan):
     return jnp.where(nans > 0, n - nans, (n - 1) // 2)
 
 
-def _median_dim(ctx, x, dim, keepdim, ignore_nan):
+def _median_dim(x, dim, keepdim, ignore_nan, index_dtype=jnp.int32):
     axis = _axis(x, dim)
     if axis is None:
-        return x, jnp.zeros((), ctx.dtype_of(1))
+        return x, jnp.zeros((), index_dtype)
     order = _argsort(lax.stop_gradient(x), axis, False)
     position = _median_position(lax.stop_gradient(x), axis, ignore_nan)
     index = jnp.take_along_axis(order, jnp.asarray(position, order.dtype), axis=axis)
-    return _unkeep(_gather(x, index, axis), axis, keepdim), _unkeep(index, axis, keepdim).astype(ctx.dtype_of(1))
+    return _unkeep(_gather(x, index, axis), axis, keepdim), _unkeep(index, axis, keepdim).astype(index_dtype)
 
 
 @lowering(aten.median.dim)
 def median_dim(ctx, x, dim, keepdim=False):
-    return _median_dim(ctx, x, dim, keepdim, ignore_nan=False)
+    return _median_dim(x, dim, keepdim, ignore_nan=False, index_dtype=ctx.dtype_of(1))
 
 
 @lowering(aten.nanmedian.dim)
 def nanmedian_dim(ctx, x, dim, keepdim=False):
-    return _median_dim(ctx, x, dim, keepdim, ignore_nan=True)
+    return _median_dim(x, dim, keepdim, ignore_nan=True, index_dtype=ctx.dtype_of(1))
 
 
 @lowering(aten.median.default)
 def median(ctx, x):
-    return jnp.reshape(_median_dim(ctx, jnp.ravel(x), 0, False, ignore_nan=False)[0], ())
+    return jnp.reshape(_median_dim(jnp.ravel(x), 0, False, ignore_nan=False)[0], ())
 
 
 @lowering(aten.nanmedian.default)
 def nanmedian(ctx, x):
-    return jnp.reshape(_median_dim(ctx, jnp.ravel(x), 0, False, ignore_nan=True)[0], ())
+    return jnp.reshape(_median_dim(jnp.ravel(x), 0, False, ignore_nan=True)[0], ())
 
 
 @lowering(aten.mode.default)
