@@ -20,11 +20,10 @@ from typing import Any
 
 import jax
 import torch
+import torch.utils._pytree as torch_pytree
 
 from bridge import capture as capture_lib
 from bridge import interpreter
-import torch.utils._pytree as torch_pytree
-
 from bridge.dlpack import _map_tree, register_jax_pytree, to_jax
 from bridge.ops.registry import MissingKeyError
 

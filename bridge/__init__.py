@@ -8,6 +8,8 @@ Public API (see docs/ and README.md):
     jax_to_torch                     (apply, params) -> nn.Module; JAX fn -> torch fn
 """
 
+from bridge.adapters.jax_to_torch import jax_to_torch
+from bridge.adapters.torch_to_jax import torch_to_jax, torch_to_jax_with_state
 from bridge.dlpack import (
     AliasingError,
     SharingError,
@@ -16,8 +18,6 @@ from bridge.dlpack import (
     to_jax,
     to_torch,
 )
-from bridge.adapters.jax_to_torch import jax_to_torch
-from bridge.adapters.torch_to_jax import torch_to_jax, torch_to_jax_with_state
 from bridge.dtypes import UnsupportedDtypeError
 
 __all__ = [

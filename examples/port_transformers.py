@@ -10,7 +10,6 @@ Run: .venv/bin/python examples/port_transformers.py [--steps N]
 import argparse
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import torch

@@ -9,10 +9,10 @@ from __future__ import annotations
 import jax
 import pytest
 import torch
+from test_torch_to_jax import GRAD, Unlowered, close
 from torch import nn
 
 import bridge
-from test_torch_to_jax import GRAD, Unlowered, close
 
 
 def test_hybrid_fallback_warns_once_and_matches_torch_in_one_program():

@@ -27,10 +27,9 @@ import time
 import traceback
 from collections.abc import Iterator
 
+import opinfo_harness as harness
 import pytest
 import torch
-
-import opinfo_harness as harness
 
 pytestmark = pytest.mark.slow
 

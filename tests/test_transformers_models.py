@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 import torch.utils._pytree as torch_pytree
+from models import ATTENTION, BUILDERS, build, main_output
 
 import bridge
-from models import ATTENTION, BUILDERS, build, main_output
 
 pytestmark = pytest.mark.slow
 

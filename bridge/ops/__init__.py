@@ -3,8 +3,6 @@
 Each family module registers its lowerings with `@lowering(...)` on import.
 """
 
-from bridge.ops.registry import LOWERINGS, LoweringContext, lowering
-
 from bridge.ops import (  # noqa: E402,F401  (imported for registration)
     creation,
     elementwise,
@@ -17,5 +15,6 @@ from bridge.ops import (  # noqa: E402,F401  (imported for registration)
     reductions,
     shape,
 )
+from bridge.ops.registry import LOWERINGS, LoweringContext, lowering
 
 __all__ = ["LOWERINGS", "LoweringContext", "lowering"]
