@@ -21,6 +21,12 @@ _NEEDS = {
     "test_dlpack.py": ["hypothesis"],
 }
 
+# torch's autograd engine sizes its per-device queues at the first backward:
+# torch_xla must register its device before any test runs one, or backward
+# on XLA tensors later fails an internal assert in engine.cpp.
+if importlib.util.find_spec("torch_xla") is not None:
+    import torch_xla  # noqa: F401
+
 collect_ignore = [
     name for name, modules in _NEEDS.items() if any(importlib.util.find_spec(m) is None for m in modules)
 ]
