@@ -7,6 +7,7 @@ transformers nor optax/flax: modules that need them are not collected there.
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -24,8 +25,10 @@ _NEEDS = {
 # torch's autograd engine sizes its per-device queues at the first backward:
 # torch_xla must register its device before any test runs one, or backward
 # on XLA tensors later fails an internal assert in engine.cpp.
-if importlib.util.find_spec("torch_xla") is not None:
-    import torch_xla  # noqa: F401
+if importlib.util.find_spec("torch_xla") is not None and os.environ.get("PJRT_DEVICE"):
+    import torch_xla
+
+    torch_xla.device()  # starts the runtime, which registers the device
 
 collect_ignore = [
     name for name, modules in _NEEDS.items() if any(importlib.util.find_spec(m) is None for m in modules)
