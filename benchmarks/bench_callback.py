@@ -28,7 +28,6 @@ import datetime
 import gc
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import torch
+from common import command_line, cpu_model
 from jax.experimental.buffer_callback import buffer_callback
 from torch._subclasses.fake_tensor import FakeTensor
 
@@ -242,25 +242,6 @@ def _overhead_us(row: Row) -> float:
     return (statistics.median(row.callback_ns) - statistics.median(row.torch_ns)) / 1e3
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _command(quick: bool) -> str:
-    def rel(p: str) -> str:
-        path = Path(p).absolute()
-        return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else p
-
-    env = "BRIDGE_BENCH_QUICK=1 " if quick else ""
-    return env + shlex.join([rel(sys.executable), rel(sys.argv[0]), *sys.argv[1:]])
-
-
 def _spread_us(ns: list[int]) -> float:
     deciles = statistics.quantiles(ns, n=10, method="inclusive")
     return (deciles[-1] - deciles[0]) / 1e3
@@ -312,8 +293,8 @@ def render(
     lines = [
         "## callback: torch behind a JAX primitive under `jax.jit`" + (" (QUICK)" if quick else ""),
         "",
-        f"- Command: `{_command(quick)}` ({now})",
-        f"- Machine: {_cpu_model()}, {os.cpu_count()} cores "
+        f"- Command: `{command_line(quick)}` ({now})",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores "
         f"({len(os.sched_getaffinity(0))} usable), load average at start "
         f"{', '.join(f'{x:.2f}' for x in load)}; {platform.platform()}",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, "

@@ -20,7 +20,6 @@ import datetime
 import gc
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import jax.dlpack
 import jax.numpy as jnp
 import jaxlib
 import torch
+from common import command_line, cpu_model
 
 import bridge
 
@@ -243,25 +243,6 @@ def _ratio(row: Row) -> float:
     return _median(row.bridge_ns) / _median(row.raw_ns)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _command(quick: bool) -> str:
-    def rel(p: str) -> str:
-        path = Path(p).absolute()
-        return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else p
-
-    env = "BRIDGE_BENCH_QUICK=1 " if quick else ""
-    return env + shlex.join([rel(sys.executable), rel(sys.argv[0]), *sys.argv[1:]])
-
-
 def _targets(rows: list[Row], cfg: Config) -> list[str]:
     lines = []
     small, large = _size_label(cfg.sizes[0]), _size_label(cfg.sizes[-1])
@@ -292,8 +273,8 @@ def render(rows: list[Row], cfg: Config, quick: bool, load: tuple[float, ...]) -
     lines = [
         "## dlpack: zero-copy `to_jax` / `to_torch` vs raw DLPack" + (" (QUICK)" if quick else ""),
         "",
-        f"- Command: `{_command(quick)}` ({now})",
-        f"- Machine: {_cpu_model()}, {os.cpu_count()} cores "
+        f"- Command: `{command_line(quick)}` ({now})",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores "
         f"({len(os.sched_getaffinity(0))} usable), load average at start "
         f"{', '.join(f'{x:.2f}' for x in load)}; {platform.platform()}",
         f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, "

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from common import cpu_model
 
 import bridge
 
@@ -183,16 +184,6 @@ def fmt(ns: list[int]) -> str:
 
 def median_us(ns: list[int]) -> float:
     return float(np.median(ns)) / 1e3
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def render(rows: list[tuple], quick: bool, calls: int, load: tuple[float, ...]) -> str:
