@@ -24,7 +24,7 @@ import torch.utils._pytree as torch_pytree
 
 from bridge import capture as capture_lib
 from bridge import interpreter
-from bridge.dlpack import _map_tree, register_jax_pytree, to_jax
+from bridge.dlpack import _map_tree, to_jax
 from bridge.ops.registry import MissingKeyError
 
 __all__ = ["MissingKeyError", "torch_to_jax", "torch_to_jax_with_state"]
@@ -313,6 +313,3 @@ def _unflatten_outputs(leaves: list[Any], out_spec: Any) -> Any:
     skeleton = torch_pytree.tree_unflatten(placeholders, out_spec)
     return _map_tree(skeleton, lambda t: leaves[slot[id(t)]], lambda x: isinstance(x, torch.Tensor), "jax")
 
-
-# re-exported for users who want to register their own output types
-register_output_type = register_jax_pytree
