@@ -12,6 +12,8 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # tests/models.py, opinfo_harness.py
+# benchmark scripts imported as modules by test_benchmarks.py find benchmarks/common.py
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "benchmarks"))
 
 _NEEDS = {
     "test_transformers_models.py": ["transformers"],
