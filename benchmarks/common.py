@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shlex
 import sys
@@ -30,3 +31,33 @@ def command_line(quick: bool) -> str:
 
     env = "BRIDGE_BENCH_QUICK=1 " if quick else ""
     return env + shlex.join([rel(sys.executable), rel(sys.argv[0]), *sys.argv[1:]])
+
+
+DEFAULT_RESULTS = REPO / "benchmarks" / "results"
+
+
+def is_quick() -> bool:
+    """`BRIDGE_BENCH_QUICK=1`: small models and few repetitions (a smoke test)."""
+    return os.environ.get("BRIDGE_BENCH_QUICK") == "1"
+
+
+def results_dir(quick: bool) -> Path:
+    """Where a script writes its table: `BRIDGE_BENCH_RESULTS` or benchmarks/results.
+
+    Quick runs must name another folder, so smoke-test numbers never replace
+    the real ones."""
+    out = Path(os.environ.get("BRIDGE_BENCH_RESULTS", DEFAULT_RESULTS))
+    if quick and out.resolve() == DEFAULT_RESULTS.resolve():
+        raise SystemExit(
+            "BRIDGE_BENCH_QUICK=1 needs BRIDGE_BENCH_RESULTS=DIR (not benchmarks/results): "
+            "quick numbers must not replace the real ones."
+        )
+    return out
+
+
+def fmt_us(ns: list[int] | list[float]) -> str:
+    """Median [p10, p90] of per-call nanoseconds, in microseconds."""
+    import numpy as np
+
+    p10, p50, p90 = np.percentile(np.asarray(ns, dtype=float) / 1e3, [10, 50, 90])
+    return f"{p50:,.1f} [{p10:,.1f}, {p90:,.1f}]"

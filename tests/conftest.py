@@ -35,3 +35,26 @@ if importlib.util.find_spec("torch_xla") is not None and os.environ.get("PJRT_DE
 collect_ignore = [
     name for name, modules in _NEEDS.items() if any(importlib.util.find_spec(m) is None for m in modules)
 ]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After a sweep of tests/test_opinfo.py, print its totals per mode."""
+    totals: dict[str, dict[str, int]] = {}
+    for outcome in ("passed", "failed", "skipped", "xfailed", "xpassed"):
+        for report in terminalreporter.stats.get(outcome, []):
+            nodeid = getattr(report, "nodeid", "")
+            if "test_opinfo.py::test_opinfo[" not in nodeid or report.when not in ("call", "setup"):
+                continue
+            mode = nodeid.rstrip("]").rsplit("-", 1)[-1]
+            totals.setdefault(mode, {}).setdefault(outcome, 0)
+            totals[mode][outcome] += 1
+    if not totals:
+        return
+    terminalreporter.section("OpInfo conformance totals (entries)")
+    for mode, counts in sorted(totals.items()):
+        run = sum(counts.get(k, 0) for k in ("passed", "failed", "xfailed", "xpassed"))
+        line = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        terminalreporter.write_line(
+            f"{mode}: {line}; passing {counts.get('passed', 0)}/{run} of the entries run "
+            "(tools/coverage.py gives the rates over exportable entries)"
+        )

@@ -1,0 +1,568 @@
+"""Translated models (`bridge.torch_to_jax`) against torch eager and torch.compile.
+
+For a GPT-2 (the 124M configuration) and a ResNet-50, both random-init
+transformers models, on the CPU in one process:
+
+- forward: torch eager and `torch.compile` under `torch.no_grad()`, against
+  `jax.jit(apply)(params, ...)` on the translated model;
+- one training step (forward, backward, SGD update): torch eager and
+  `torch.compile`d modules with `torch.optim.SGD`, against
+  `jax.jit` of `jax.value_and_grad` + `optax.sgd` on the translated model
+  (parameters and optimizer state donated, as a training loop would);
+- conversion cost: `torch_to_jax` itself, capture + trace to a jaxpr, lowering,
+  XLA compilation, against torch.compile's first call;
+- peak memory of conversion, each model in a fresh process: peak RSS growth
+  (Linux `VmHWM`, reset between stages) against the size of the weights;
+- dispatch overhead: `jax.jit(apply)` of a 3-layer, 64-wide torch MLP at batch
+  8 against a hand-written `jax.jit` JAX MLP (same math), calls alternating.
+
+Before timing, the translated forward is checked against torch eager and the
+first two training losses of both sides against each other (the second one
+shows that the gradients and the update agree).
+
+Run: .venv/bin/python benchmarks/bench_torch_to_jax.py
+Writes: benchmarks/results/bench_torch_to_jax.md
+
+- `BRIDGE_BENCH_QUICK=1`: tiny models and few repetitions (a smoke test).
+- `BRIDGE_BENCH_RESULTS=DIR`: write the table into DIR instead; required
+  with `BRIDGE_BENCH_QUICK=1`, so quick numbers never replace real ones.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+import transformers as tf
+from common import cpu_model, fmt_us, is_quick, results_dir
+
+import bridge
+from bridge import capture
+
+LR = 1e-4
+FORWARD_RTOL = 1e-4  # whole-model fp32 tolerance against torch eager
+LOSS_RTOL = 1e-4
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class Model:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[], dict[str, torch.Tensor]]  # forward inputs
+    labels: Callable[[dict], dict[str, torch.Tensor]]  # inputs + labels for the loss
+    train_mode: bool  # BatchNorm in train mode: the step carries state
+    results: dict = field(default_factory=dict)
+
+
+def gpt2(quick: bool) -> Model:
+    if quick:
+        cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=96)
+        batch, seq = 2, 16
+    else:  # the 124M configuration (GPT2Config's defaults)
+        cfg = tf.GPT2Config()
+        batch, seq = 1, 128
+    # Dropout off (eval mode) on both sides: its random draws are not the work
+    # being compared, and a translated dropout needs an rng= key.
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
+
+    def inputs() -> dict:
+        g = torch.Generator().manual_seed(0)
+        return {"input_ids": torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)}
+
+    name = f"GPT-2 {'tiny' if quick else '124M'}, batch {batch} x {seq} tokens"
+    return Model(
+        name,
+        lambda: tf.GPT2LMHeadModel(cfg).eval(),
+        inputs,
+        lambda x: {**x, "labels": x["input_ids"]},
+        train_mode=False,
+    )
+
+
+def resnet(quick: bool) -> Model:
+    if quick:
+        cfg = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=10)
+        batch, size = 2, 32
+    else:  # ResNet-50 (ResNetConfig's defaults), 1000 classes
+        cfg = tf.ResNetConfig(num_labels=1000)
+        batch, size = 8, 128
+
+    def inputs() -> dict:
+        g = torch.Generator().manual_seed(0)
+        return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+
+    def labels(x: dict) -> dict:
+        return {**x, "labels": torch.arange(batch) % cfg.num_labels}
+
+    name = f"ResNet-{'tiny' if quick else '50'}, batch {batch} x 3x{size}x{size}"
+    # Training runs in train() mode: BatchNorm uses batch statistics and the
+    # translated step returns the running statistics as new state.
+    return Model(name, lambda: tf.ResNetForImageClassification(cfg).eval(), inputs, labels, train_mode=True)
+
+
+MODELS = {"gpt2": gpt2, "resnet": resnet}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter_ns()
+    fn()
+    return float(time.perf_counter_ns() - start)
+
+
+def rounds(contenders: dict[str, Callable[[], object]], n: int, warmup: int) -> dict[str, list[float]]:
+    """Per-call nanoseconds of each contender, called in turn, `n` rounds."""
+    for _ in range(warmup):
+        for fn in contenders.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for _ in range(n):
+        for k, fn in contenders.items():
+            times[k].append(timed(fn))
+    return times
+
+
+def to_jax_tree(x: dict) -> dict:
+    return {k: bridge.to_jax(v) for k, v in x.items()}
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+# --------------------------------------------------------------------------- forward
+
+
+def bench_forward(m: Model, reps: int, warmup: int) -> None:
+    torch.manual_seed(0)
+    model = m.build()
+    x = m.inputs()
+    xj = to_jax_tree(x)
+
+    start = time.perf_counter_ns()
+    apply, params = bridge.torch_to_jax(model)
+    t_convert = time.perf_counter_ns() - start
+    jitted = jax.jit(apply)
+    before = capture.capture_count
+    start = time.perf_counter_ns()
+    traced = jitted.trace(params, **xj)
+    t_trace = time.perf_counter_ns() - start
+    start = time.perf_counter_ns()
+    lowered = traced.lower()
+    t_lower = time.perf_counter_ns() - start
+    start = time.perf_counter_ns()
+    lowered.compile()
+    t_compile = time.perf_counter_ns() - start
+    start = time.perf_counter_ns()
+    out = jax.block_until_ready(jitted(params, **xj))
+    t_first = time.perf_counter_ns() - start
+    captures = capture.capture_count - before
+
+    with torch.no_grad():
+        ref = model(**x).logits.numpy()
+    err = rel_err(np.asarray(out.logits), ref)
+    assert err <= FORWARD_RTOL, f"{m.name}: translated forward differs from torch eager: {err:.2e}"
+
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        t_eager_first = timed(lambda: model(**x))
+        t_tc_first = timed(lambda: compiled(**x))
+
+    def eager() -> None:
+        with torch.no_grad():
+            model(**x)
+
+    def tcompile() -> None:
+        with torch.no_grad():
+            compiled(**x)
+
+    def bridged() -> None:
+        jax.block_until_ready(jitted(params, **xj))
+
+    times = rounds({"eager": eager, "compile": tcompile, "bridge": bridged}, reps, warmup)
+    m.results["forward"] = times
+    m.results["forward_err"] = err
+    m.results["weights_mb"] = sum(p.nbytes for p in params.values()) / 2**20
+    m.results["convert"] = {
+        "torch_to_jax": t_convert,
+        "trace": t_trace,
+        "lower": t_lower,
+        "compile": t_compile,
+        "first_call": t_first,
+        "captures": captures,
+        "torch_compile_first": t_tc_first,
+        "eager_first": t_eager_first,
+    }
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- training step
+
+
+def bench_train(m: Model, reps: int, warmup: int) -> None:
+    torch.manual_seed(0)
+    model = m.build().train(m.train_mode)
+    batch = m.labels(m.inputs())
+    bj = to_jax_tree(batch)
+    tx = optax.sgd(LR)
+
+    # JAX: its own copy of the initial weights (the step donates them).
+    if m.train_mode:
+        apply, params, state = bridge.torch_to_jax_with_state(model)
+    else:
+        apply, params = bridge.torch_to_jax(model)
+        state = {}
+    params = jax.tree.map(jnp.copy, params)
+    state = jax.tree.map(jnp.copy, state)
+
+    def loss_fn(p, s, b):
+        if m.train_mode:
+            out, new_s = apply(p, s, **b)
+        else:
+            out, new_s = apply(p, **b), s
+        return out.loss, new_s
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(p, s, opt_state, b):
+        (loss, new_s), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, s, b)
+        updates, opt_state = tx.update(grads, opt_state, p)
+        return optax.apply_updates(p, updates), new_s, opt_state, loss
+
+    jstate = {"p": params, "s": state, "o": tx.init(params)}
+
+    def bridged() -> float:
+        p, s, o, loss = step(jstate["p"], jstate["s"], jstate["o"], bj)
+        jstate.update(p=p, s=s, o=o)
+        return float(jax.block_until_ready(loss))
+
+    start = time.perf_counter_ns()
+    j_losses = [bridged()]  # includes capture + compile of the step
+    t_first = time.perf_counter_ns() - start
+    j_losses.append(bridged())
+
+    # torch: eager and torch.compile, each on its own copy of the initial weights.
+    compiled_model = torch.compile(_copy(model))
+    contenders = {}
+    t_losses = {}
+    firsts = {}
+    for key, mod, net in [("eager", model, model), ("compile", compiled_model, compiled_model._orig_mod)]:
+        opt = torch.optim.SGD(net.parameters(), lr=LR)
+
+        def torch_step(mod=mod, opt=opt) -> float:
+            opt.zero_grad(set_to_none=True)
+            loss = mod(**batch).loss
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        start = time.perf_counter_ns()
+        t_losses[key] = [torch_step()]
+        firsts[key] = time.perf_counter_ns() - start
+        t_losses[key].append(torch_step())
+        contenders[key] = torch_step
+    contenders["bridge"] = bridged
+
+    for key in ("eager", "compile"):
+        for i, (a, b) in enumerate(zip(j_losses, t_losses[key], strict=True)):
+            err = abs(a - b) / abs(b)
+            assert err <= LOSS_RTOL, f"{m.name}: training loss {i} differs from torch {key}: {a} vs {b}"
+    times = rounds(contenders, reps, warmup)
+    m.results["train"] = times
+    m.results["train_losses"] = (j_losses, t_losses["eager"])
+    m.results["train_first"] = {"bridge": t_first, **firsts}
+    torch._dynamo.reset()
+
+
+def _copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _hwm_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _rss_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+
+
+def memory_child(key: str, quick: bool) -> dict:
+    """In a fresh process: peak RSS growth of each conversion stage, in MiB."""
+    # One-time costs first: convert and compile a tiny model of the same
+    # family, so that imports, torch.export's and XLA's caches and JAX's
+    # runtime are in the baseline and the growth measured is per-model.
+    tiny = MODELS[key](True)
+    tiny_apply, tiny_params = bridge.torch_to_jax(tiny.build())
+    jax.jit(tiny_apply).trace(tiny_params, **to_jax_tree(tiny.inputs())).lower().compile()
+    del tiny, tiny_apply, tiny_params
+    m = MODELS[key](quick)
+    torch.manual_seed(0)
+    model = m.build()
+    xj = to_jax_tree(m.inputs())
+    weights = sum(t.nbytes for t in model.state_dict().values())
+    gc.collect()
+    _reset_hwm()
+    base = _rss_kb()
+    apply, params = bridge.torch_to_jax(model)
+    after_convert = _hwm_kb()
+    traced = jax.jit(apply).trace(params, **xj)
+    after_trace = _hwm_kb()
+    traced.lower().compile()
+    after_compile = _hwm_kb()
+    mib = 1024.0
+    return {
+        "weights_mib": weights / 2**20,
+        "base_mib": base / mib,
+        "torch_to_jax": (after_convert - base) / mib,
+        "trace": (after_trace - base) / mib,
+        "compile": (after_compile - base) / mib,
+    }
+
+
+def bench_memory(key: str, quick: bool) -> dict:
+    env = dict(os.environ, BRIDGE_BENCH_QUICK="1" if quick else "0")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--memory", key], env=env, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement of {key} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def bench_mlp(calls: int) -> dict:
+    torch.manual_seed(0)
+    width, batch = 64, 8
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(width, width), torch.nn.ReLU(),
+        torch.nn.Linear(width, width), torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+    ).eval()
+    apply, params = bridge.torch_to_jax(mlp)
+    translated = jax.jit(apply)
+
+    # The same weights, laid out as one would write them in JAX.
+    hand_params = [
+        {"w": jnp.asarray(layer.weight.detach().numpy().T), "b": jnp.asarray(layer.bias.detach().numpy())}
+        for layer in mlp if isinstance(layer, torch.nn.Linear)
+    ]
+
+    @jax.jit
+    def hand(p: list, x: jax.Array) -> jax.Array:
+        for i, layer in enumerate(p):
+            x = x @ layer["w"] + layer["b"]
+            if i < len(p) - 1:
+                x = jax.nn.relu(x)
+        return x
+
+    x = np.random.default_rng(0).standard_normal((batch, width), dtype=np.float32)
+    xj = jnp.asarray(x)
+    np.testing.assert_allclose(np.asarray(translated(params, xj)), np.asarray(hand(hand_params, xj)), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        ref = mlp(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.asarray(translated(params, xj)), ref, rtol=1e-5, atol=1e-6)
+
+    def run_translated() -> None:
+        translated(params, xj).block_until_ready()
+
+    def run_hand() -> None:
+        hand(hand_params, xj).block_until_ready()
+
+    tx = torch.from_numpy(x)
+
+    def run_torch() -> None:
+        with torch.no_grad():
+            mlp(tx)
+
+    times = rounds({"translated": run_translated, "hand": run_hand, "torch": run_torch}, calls, 200)
+    return {"name": f"MLP {width}-{width}-{width}-{width}, batch {batch}", **times}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def med_ms(ns: list[float]) -> float:
+    return float(np.median(ns)) / 1e6
+
+
+def fmt_ms(ns: list[float]) -> str:
+    p10, p50, p90 = np.percentile(np.asarray(ns) / 1e6, [10, 50, 90])
+    return f"{p50:,.1f} [{p10:,.1f}, {p90:,.1f}]"
+
+
+def s(ns: float) -> str:
+    return f"{ns / 1e9:,.2f}"
+
+
+def render(models: list[Model], mem: dict, mlp: dict, quick: bool, reps: tuple, load: tuple) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    env = "BRIDGE_BENCH_QUICK=1 " if quick else ""
+    fwd_reps, train_reps, mlp_calls = reps
+    lines = [
+        "## torch_to_jax: translated models vs torch eager and torch.compile",
+        "",
+        f"- Command: `{env}.venv/bin/python benchmarks/bench_torch_to_jax.py` ({now})",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, load average at start "
+        f"{', '.join(f'{v:.2f}' for v in load)}; {platform.platform()}",
+        f"- Versions: Python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"jax {jax.__version__}, transformers {tf.__version__}, optax {optax.__version__}; "
+        f"torch threads {torch.get_num_threads()}, XLA CPU backend",
+        "- Method: float32, random-init transformers models (no weights downloaded). "
+        f"{fwd_reps} forward and {train_reps} training-step rounds per model after 2 warm-up "
+        "rounds, the three contenders called in turn in each round; milliseconds per call as "
+        "median [p10, p90]. Forward: `model(**inputs)` under `torch.no_grad()`, the same on "
+        "`torch.compile(model)`, and `jax.jit(apply)(params, **inputs)` blocked until ready. "
+        "Training step: `zero_grad; model(**inputs, labels=...).loss.backward(); "
+        f"SGD(lr={LR}).step()` against `jax.jit` of `jax.value_and_grad` + `optax.sgd` with "
+        "params, state and optimizer state donated. GPT-2 runs in eval mode (dropout off) with "
+        "the LM loss; ResNet trains in train mode (BatchNorm batch statistics, running "
+        "statistics returned as new state by `torch_to_jax_with_state`).",
+        "- Checked before timing: translated forward logits against torch eager (max relative "
+        f"error <= {FORWARD_RTOL:g}), and the first two training losses of the JAX step against "
+        f"torch eager and torch.compile (relative <= {LOSS_RTOL:g}; the second loss is taken after "
+        "one update, so it checks gradients and update too).",
+        "",
+        "| model | work | torch eager ms | torch.compile ms | bridge `jax.jit` ms | bridge / eager | bridge / compile |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    targets = []
+    for m in models:
+        for work, key in [("forward", "forward"), ("training step", "train")]:
+            t = m.results[key]
+            e, c, b = med_ms(t["eager"]), med_ms(t["compile"]), med_ms(t["bridge"])
+            lines.append(
+                f"| {m.name} | {work} | {fmt_ms(t['eager'])} | {fmt_ms(t['compile'])} | "
+                f"{fmt_ms(t['bridge'])} | {b / e:.2f}x | {b / c:.2f}x |"
+            )
+            met = "met" if b <= e else "**missed**"
+            targets.append(
+                f"- {m.name}, {work}: bridge {b:,.1f} ms against torch eager {e:,.1f} ms "
+                f"(target: at least as fast): {met}; against torch.compile {c:,.1f} ms: {b / c:.2f}x"
+            )
+    lines += [
+        "",
+        "Conversion cost, seconds (one call each, so noisier than the tables above): "
+        "`torch_to_jax` is the call itself (capture is lazy); trace is the first "
+        "`jax.jit(apply).trace(...)`, which runs `torch.export` and the interpreter; then "
+        "`.lower()` and `.compile()`. The training step's first call includes its own capture "
+        "(the loss adds `labels`, a new signature) and compile. torch.compile's first calls are "
+        "the compiled module's first forward (no_grad) and first training step.",
+        "",
+        "| model | `torch_to_jax` | capture + trace | lower | XLA compile | forward total | "
+        "torch.compile first forward | bridge first training step | torch.compile first training step |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for m in models:
+        c, f = m.results["convert"], m.results["train_first"]
+        total = c["torch_to_jax"] + c["trace"] + c["lower"] + c["compile"]
+        lines.append(
+            f"| {m.name} | {c['torch_to_jax'] / 1e6:,.2f} ms | {s(c['trace'])} | {s(c['lower'])} | "
+            f"{s(c['compile'])} | {s(total)} | {s(c['torch_compile_first'])} | {s(f['bridge'])} | "
+            f"{s(f['compile'])} |"
+        )
+    lines += [
+        "",
+        "Peak memory of conversion, each model in a fresh process: growth of the peak RSS "
+        "(`VmHWM`, reset before conversion) over the RSS with the torch model built, after each "
+        "stage, cumulative. The process first converts and compiles a tiny model of the same "
+        "family, so one-time costs (imports, torch.export's and XLA's caches) are not counted. Target: `torch_to_jax` + capture do not duplicate the weights "
+        "(growth <= 10% of the weights' size). XLA compilation's working memory is reported "
+        "beside it (the weights are arguments of the compiled program, not constants in it).",
+        "",
+        "| model | weights MiB | after `torch_to_jax` MiB | after capture + trace MiB | after XLA compile MiB | target |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for m in models:
+        r = mem[m.name]
+        limit = 0.1 * r["weights_mib"]
+        met = "met" if r["trace"] <= limit else "**missed**"
+        lines.append(
+            f"| {m.name} | {r['weights_mib']:,.1f} | {r['torch_to_jax']:,.1f} | {r['trace']:,.1f} | "
+            f"{r['compile']:,.1f} | <= {limit:,.1f}: {met} |"
+        )
+        targets.append(
+            f"- {m.name}, conversion memory: peak RSS growth {r['trace']:,.1f} MiB through capture "
+            f"against {limit:,.1f} MiB (10% of {r['weights_mib']:,.1f} MiB of weights): {met}"
+        )
+    ratio = med_ms(mlp["translated"]) / med_ms(mlp["hand"])
+    lines += [
+        "",
+        f"Dispatch overhead: {mlp['name']}, {mlp_calls:,} calls per contender after 200 warm-up "
+        "calls, in turn; microseconds per call as median [p10, p90]. Translated: "
+        "`jax.jit(apply)(params, x).block_until_ready()` on `torch_to_jax(nn.Sequential(Linear, "
+        "ReLU, Linear, ReLU, Linear))`; hand-written: `jax.jit` of `x @ w + b` and `jax.nn.relu` "
+        "on the same weights (outputs checked equal).",
+        "",
+        "| model | torch eager us | hand-written `jax.jit` us | translated `jax.jit` us | translated / hand-written |",
+        "|---|---:|---:|---:|---:|",
+        f"| {mlp['name']} | {fmt_us(mlp['torch'])} | {fmt_us(mlp['hand'])} | {fmt_us(mlp['translated'])} | {ratio:.2f}x |",
+    ]
+    met = "met" if ratio <= 1.2 else "**missed**"
+    targets.append(f"- {mlp['name']}, translated / hand-written `jax.jit`: {ratio:.2f}x (target <= 1.2x): {met}")
+    return "\n".join([*lines, "", "Targets:", "", *targets, ""])
+
+
+def main() -> None:
+    quick = is_quick()
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory":
+        print(json.dumps(memory_child(sys.argv[2], quick)))
+        return
+    out_dir = results_dir(quick)
+    load = os.getloadavg()
+    fwd_reps, train_reps, mlp_calls = (3, 2, 200) if quick else (10, 5, 5000)
+    models = [make(quick) for make in MODELS.values()]
+    mem = {}
+    for key, m in zip(MODELS, models, strict=True):
+        print(f"== {m.name}: memory", flush=True)
+        mem[m.name] = bench_memory(key, quick)
+        print(f"== {m.name}: forward", flush=True)
+        bench_forward(m, fwd_reps, 2)
+        print(f"== {m.name}: training step", flush=True)
+        bench_train(m, train_reps, 2)
+        gc.collect()
+    print("== MLP dispatch", flush=True)
+    mlp = bench_mlp(mlp_calls)
+    text = render(models, mem, mlp, quick, (fwd_reps, train_reps, mlp_calls), load)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench_torch_to_jax.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
