@@ -109,3 +109,38 @@ def test_run_readme_is_header_then_results_in_name_order(tmp_path):
     readme = run.render_readme(tmp_path)
     assert readme.startswith(run.HEADER)
     assert readme[len(run.HEADER) :] == "\n## a\n\n| y |\n\n## b\n\n| x |\n"
+
+
+def _run_quick(script: str, tmp_path: Path) -> str:
+    env = {**os.environ, "BRIDGE_BENCH_QUICK": "1", "BRIDGE_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [p.name for p in tmp_path.iterdir()] == [f"{script}.md"]
+    return (tmp_path / f"{script}.md").read_text()
+
+
+def test_bench_torch_to_jax_quick_mode_checks_parity_and_writes_every_table(tmp_path):
+    text = _run_quick("bench_torch_to_jax", tmp_path)
+    rows = table_rows(text)
+    speed = [r for r in rows if r[1] in ("forward", "training step")]
+    assert [(r[0].split(",")[0], r[1]) for r in speed] == [
+        ("GPT-2 tiny", "forward"), ("GPT-2 tiny", "training step"),
+        ("ResNet-tiny", "forward"), ("ResNet-tiny", "training step"),
+    ]
+    for row in speed:
+        assert all(float(cell.split()[0].replace(",", "")) > 0 for cell in row[2:5]), row
+    # conversion cost, memory and dispatch tables, and one verdict per target
+    assert sum(r[0].startswith(("GPT-2 tiny", "ResNet-tiny")) for r in rows) == 8
+    assert any(r[0].startswith("MLP 64-64-64-64") for r in rows)
+    targets = text.split("Targets:")[1]
+    assert targets.count(": met") + targets.count(": **missed**") == 7
+
+
+def test_bench_hybrid_quick_mode_checks_gradients_and_times_every_form(tmp_path):
+    text = _run_quick("bench_hybrid", tmp_path)
+    rows = table_rows(text)
+    forms = ["full translation", "hybrid (1 op in torch)", "callback mode", "torch eager"]
+    assert [(r[0], r[1]) for r in rows] == [(w, f) for w in ("forward", "forward + backward") for f in forms]
+    assert "compiled one program with 1 custom_call(s)" in text
