@@ -59,6 +59,10 @@ try:  # jax >= 0.7 on CPU and GPU
 except ImportError:  # pragma: no cover - older jax: pure_callback fallback
     _buffer_callback = None
 
+#: "buffer_callback" (zero-copy: torch reads and writes XLA's buffers) or
+#: "pure_callback" (inputs and outputs copied through host arrays).
+TRANSPORT = "buffer_callback" if _buffer_callback is not None else "pure_callback"
+
 __all__ = ["CallbackError", "wrap"]
 
 
@@ -1119,6 +1123,10 @@ def _lowering(ctx: mlir.LoweringRuleContext, *args: Any, kernel: _Kernel) -> Seq
         host = _pure_host_fn(kernel, out_avals)
 
         def lowered(*xs: Any) -> Any:
+            if has_empty:  # io_callback has an effect, so XLA cannot skip it
+                from jax.experimental import io_callback
+
+                return io_callback(host, shapes, *xs)
             return jax.pure_callback(host, shapes, *xs)
 
     return mlir.lower_fun(lowered, multiple_results=True)(ctx, *args)

@@ -177,6 +177,10 @@ def test_dataclass_outputs_become_jax_pytrees():
 # Zero copy
 
 
+@pytest.mark.skipif(
+    callback.TRANSPORT != "buffer_callback",
+    reason="this jax takes the copying pure_callback transport (jax < 0.10, see bridge/callback.py)",
+)
 def test_torch_receives_the_buffers_jax_holds_under_jit():
     seen = []
 

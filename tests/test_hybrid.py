@@ -1,7 +1,8 @@
 """Callback mode and the per-op hybrid fallback through torch_to_jax.
 
-Not marked `xla`: on jax 0.7.1 (the torch_xla environment) a jitted program
-with a buffer_callback inside aborts the process; see docs/callback.md.
+Not marked `xla`: jax 0.7.1 (the torch_xla environment) aborts the process
+when a host callback follows a matmul in one jitted CPU program, a jax bug
+reproduced without the bridge; see docs/callback.md.
 """
 
 from __future__ import annotations

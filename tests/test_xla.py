@@ -285,3 +285,24 @@ def test_jax_to_torch_function_runs_on_xla_tensors_with_gradients(device):
     loss.backward()
     np.testing.assert_allclose(loss.cpu().item(), torch.tanh(x_cpu @ w_cpu).sum().item(), rtol=1e-5)
     np.testing.assert_allclose(w_xla.grad.cpu().numpy(), w_cpu.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
+_CALLBACK_AFTER_DOT = """
+import jax, jax.numpy as jnp, numpy as np
+x = jnp.ones((2, 3))
+f = lambda x: jax.pure_callback(np.sin, jax.ShapeDtypeStruct((2, 2), jnp.float32), x @ x.T)
+print(float(jax.jit(f)(x)[0, 0]))
+"""
+
+
+@pytest.mark.skipif(jax.__version_info__[:2] != (0, 7), reason="the jax 0.7 bug of docs/callback.md")
+def test_jax_071_aborts_on_a_host_callback_after_a_dot():
+    """docs/callback.md's known limitation is jax's, reproduced with no torch
+    and no bridge; when this starts failing, jax fixed it: run
+    tests/test_hybrid.py in the xla environment too."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _CALLBACK_AFTER_DOT], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Could not convert JSON string to proto" in proc.stderr
