@@ -19,6 +19,9 @@ XLA_VENV = $(XLA_CACHE)/venv-xla-$(XLA_KEY)
 PYTEST_ARGS ?=
 # pytest-xdist workers for make test (the machines have 2 cores)
 TEST_WORKERS ?= 2
+# OpInfo samples per entry in make test's float32 sweep (its time budget);
+# make conformance BRIDGE_CONFORMANCE=full runs every sample and dtype.
+OPINFO_SAMPLES ?= 1
 
 .PHONY: demo test test-xla bench coverage conformance lint clean venv venv-xla
 
@@ -37,14 +40,14 @@ demo: venv
 	$(PY) examples/quickstart.py
 
 test: venv
-	# The OpInfo sweep is not yet green (see docs/ops.md): it runs under make conformance.
-	$(PY) -m pytest -n $(TEST_WORKERS) --ignore=tests/test_opinfo.py $(PYTEST_ARGS)
+	# Includes the float32 OpInfo sweep (tests/test_opinfo.py), OPINFO_SAMPLES samples per entry.
+	BRIDGE_OPINFO_SAMPLES=$(OPINFO_SAMPLES) $(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) benchmarks/run.py
 
 coverage: venv
-	$(PY) tools/coverage.py
+	BRIDGE_OPINFO_SAMPLES=$(OPINFO_SAMPLES) $(PY) tools/coverage.py
 
 conformance: venv
 	# float32, first sample per entry; BRIDGE_CONFORMANCE=full for every sample and dtype

@@ -213,7 +213,7 @@ class _Converted:
         if captured.unsupported:
             if self.strict:
                 raise interpreter.unsupported_error(captured.unsupported)
-            ops = sorted({str(n.target) for n in captured.unsupported})
+            ops = sorted({str(interpreter.node_op(n)) for n in captured.unsupported})
             warnings.warn(
                 f"{len(ops)} ATen op(s) have no JAX lowering and run through torch callbacks: "
                 f"{', '.join(ops)}. Such callbacks run on the host and cannot be serialised "

@@ -12,6 +12,7 @@ transformers' GPT-2 in torch 2.13).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 import warnings
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from bridge import dtypes
 from bridge.dlpack import to_torch
+from bridge.interpreter import node_op
 from bridge.ops import LOWERINGS
 
 _PREFIX = "m."
@@ -78,13 +80,41 @@ class _Wrapper(torch.nn.Module):
         return self._call(self.m, *args, **kwargs)
 
 
-def example_tensor(leaf: Leaf, device: torch.device | None = None) -> torch.Tensor:
+_WIDER = {torch.int32: torch.int64, torch.uint32: torch.uint64}
+
+
+def example_tensor(leaf: Leaf, device: torch.device | None = None, widen: bool = True) -> torch.Tensor:
+    """A zero tensor standing for the array `leaf` describes.
+
+    With x64 off, JAX holds torch's int64 as int32, so a JAX int32 array may
+    stand for either a torch int64 tensor (ids, indices: torch's convention) or
+    a genuine int32 one (LU pivots); nothing in the array tells which. With
+    `widen`, 32-bit integers become 64-bit (the convention); `capture` falls
+    back to keeping them 32-bit when torch rejects that.
+    """
     dtype = dtypes.to_torch_dtype(leaf.dtype)
-    # With x64 off, JAX has only 32-bit integers; torch code expects its own
-    # convention (int64 ids and indices), which JAX then runs as int32.
-    if not dtypes.x64_enabled():
-        dtype = {torch.int32: torch.int64, torch.uint32: torch.uint64}.get(dtype, dtype)
+    if widen and not dtypes.x64_enabled():
+        dtype = _WIDER.get(dtype, dtype)
     return torch.zeros(leaf.shape, dtype=dtype, device=device)
+
+
+def _example_choices(leaves: list[Leaf]) -> list[list[bool]]:
+    """Which leaves to widen, in the order `capture` tries them.
+
+    First every 32-bit integer widened (torch's int64 convention); if torch
+    rejects that (an op that requires int32, such as LU pivots), each such leaf
+    kept 32-bit on its own, then all of them. Under x64 nothing is widened.
+    """
+    narrowable = [
+        i for i, leaf in enumerate(leaves)
+        if not dtypes.x64_enabled() and dtypes.to_torch_dtype(leaf.dtype) in _WIDER
+    ]
+    choices = [[True] * len(leaves)]
+    for i in narrowable:
+        choices.append([j != i for j in range(len(leaves))])
+    if len(narrowable) > 1:
+        choices.append([j not in narrowable for j in range(len(leaves))])
+    return choices
 
 
 def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured:
@@ -98,7 +128,7 @@ def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured
     array_pos = [i for i, leaf in enumerate(sig.leaves) if isinstance(leaf, Leaf)]
     # Example inputs live where the module's parameters do (e.g. an XLA device).
     device = next((p.device for p in module.parameters()), None)
-    examples = tuple(example_tensor(sig.leaves[i], device) for i in array_pos)
+    leaves = [sig.leaves[i] for i in array_pos]
 
     def rebuild(tensors):
         leaves = list(sig.leaves)
@@ -112,10 +142,32 @@ def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured
     with warnings.catch_warnings():
         # torch.export's own pytree deprecation noise; nothing a user can act on.
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
-        program = torch.export.export(wrapper, examples, strict=False)
+        program = _export(wrapper, leaves, device)
         program = program.run_decompositions({})  # functionalise; keep high-level ops
         program = _decompose_unlowered(program)
     return _describe(program)
+
+
+def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device) -> ExportedProgram:
+    """torch.export the wrapper, with 32-bit integer inputs widened where torch accepts it."""
+    choices = _example_choices(leaves)
+    first_error = None
+    # A rejected choice makes FakeTensor log the failing meta function's
+    # traceback; the first error is raised below if no choice works.
+    fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_tensor_log.level
+    if len(choices) > 1:
+        fake_tensor_log.setLevel(logging.CRITICAL)
+    try:
+        for widen in choices:
+            examples = tuple(example_tensor(leaf, device, w) for leaf, w in zip(leaves, widen, strict=True))
+            try:
+                return torch.export.export(wrapper, examples, strict=False)
+            except Exception as e:  # torch's own checks reject a dtype: try the next choice
+                first_error = first_error or e
+    finally:
+        fake_tensor_log.setLevel(level)
+    raise first_error
 
 
 def register_model_pytrees(module: torch.nn.Module) -> None:
@@ -190,6 +242,8 @@ def _describe(program: ExportedProgram) -> Captured:
             inputs.append(("buffer", _strip(spec.target)))
         elif spec.kind in (InputKind.CONSTANT_TENSOR, InputKind.CUSTOM_OBJ):
             inputs.append(("constant", spec.target))
+        elif spec.kind == InputKind.TOKEN:
+            continue  # effect tokens: the interpreter makes them up (see interpreter.run)
         else:
             raise NotImplementedError(f"unsupported graph input kind {spec.kind}")
     outputs: list[tuple[str, str | None]] = []
@@ -198,6 +252,8 @@ def _describe(program: ExportedProgram) -> Captured:
             outputs.append(("user", None))
         elif spec.kind == OutputKind.BUFFER_MUTATION:
             outputs.append(("buffer", _strip(spec.target)))
+        elif spec.kind == OutputKind.TOKEN:
+            continue  # dropped by the interpreter
         elif spec.kind == OutputKind.USER_INPUT_MUTATION:
             raise ValueError(
                 "the torch code writes into one of its inputs in place; a JAX function "
@@ -215,8 +271,8 @@ def _describe(program: ExportedProgram) -> Captured:
         n
         for n in program.graph.nodes
         if n.op == "call_function"
-        and isinstance(n.target, torch._ops.OpOverload)
-        and n.target not in LOWERINGS
+        and isinstance(node_op(n), torch._ops.OpOverload)
+        and node_op(n) not in LOWERINGS
     ]
     return Captured(
         program=program,

@@ -16,13 +16,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
+from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.node import map_arg
 
 from bridge import dtypes
 from bridge.ops import LOWERINGS
 from bridge.ops.registry import LoweringContext
+
+_with_effects = torch.ops.higher_order.with_effects
 
 
 class LoweringError(RuntimeError):
@@ -31,6 +35,11 @@ class LoweringError(RuntimeError):
 
 class UnsupportedOpsError(NotImplementedError):
     """The graph contains ATen ops with no JAX lowering."""
+
+
+def node_op(node: torch.fx.Node) -> Any:
+    """The op a node runs: its target, or for `with_effects(token, op, ...)` the inner op."""
+    return node.args[1] if node.target is _with_effects else node.target
 
 
 def describe_node(node: torch.fx.Node) -> str:
@@ -49,11 +58,11 @@ def describe_node(node: torch.fx.Node) -> str:
         if frames:
             code = lines[-1] if not lines[-1].startswith("File ") else ""
             where.append(f"at {frames[-1]}" + (f": {code}" if code else ""))
-    return f"{node.target}" + (f" ({', '.join(where)})" if where else "")
+    return f"{node_op(node)}" + (f" ({', '.join(where)})" if where else "")
 
 
 def unsupported_error(nodes: Sequence[torch.fx.Node]) -> UnsupportedOpsError:
-    ops = sorted({str(n.target) for n in nodes})
+    ops = sorted({str(node_op(n)) for n in nodes})
     lines = "\n".join(f"  - {describe_node(n)}" for n in nodes)
     return UnsupportedOpsError(
         f"{len(ops)} ATen op(s) have no JAX lowering: {', '.join(ops)}\n{lines}\n"
@@ -66,7 +75,7 @@ def callback_fallback(node: torch.fx.Node) -> Callable:
     """A lowering that runs the node's ATen op in torch, behind a JAX primitive."""
     from bridge.callback import wrap
 
-    run_in_torch = wrap(node.target)
+    run_in_torch = wrap(node_op(node))
 
     def lower(ctx: LoweringContext, *args: Any, **kwargs: Any) -> Any:
         return run_in_torch(*args, **kwargs)
@@ -92,19 +101,44 @@ def _check(node: torch.fx.Node, value: Any, expected: Any) -> None:
                 _check(node, v, e)
 
 
+def _token(node: torch.fx.Node) -> jax.Array:
+    """A stand-in for an effect token: an empty array like the one torch records."""
+    val = node.meta.get("val")
+    dtype = dtypes.canonical_jax_dtype(val.dtype) if isinstance(val, torch.Tensor) else np.float32
+    return jnp.zeros((0,), dtype)
+
+
+def _effect_outputs(op: torch._ops.OpOverload, val: Any) -> Any:
+    """The recorded outputs of the op inside `with_effects` (whose own are `(token, *outputs)`)."""
+    returns = len(op._schema.returns)
+    if val is None or returns == 0:
+        return None
+    return tuple(val[1:]) if returns > 1 else val[1]
+
+
 def run(
     program: torch.export.ExportedProgram,
     inputs: Sequence[Any],
     rng: jax.Array | None,
     fallback: Callable[[torch.fx.Node], Callable] | None,
 ) -> list[Any]:
-    """Evaluate `program`'s graph on JAX values, one per placeholder."""
+    """Evaluate `program`'s graph on JAX values, one per placeholder.
+
+    Effect tokens (graph inputs and outputs of kind TOKEN, which torch.export
+    threads through ops with side effects, e.g. `_linalg_check_errors`) take no
+    input: each token placeholder gets a stand-in, `with_effects(token, op, *args)`
+    runs `op`'s lowering and passes the token on, and token outputs are dropped.
+    `capture` leaves tokens out of its input and output lists the same way.
+    """
     graph_module = program.graph_module
+    signature = program.graph_signature
+    token_inputs = {s.arg.name for s in signature.input_specs if s.kind == InputKind.TOKEN}
+    token_outputs = [s.kind == OutputKind.TOKEN for s in signature.output_specs]
     env: dict[torch.fx.Node, Any] = {}
     placeholders = iter(inputs)
     for index, node in enumerate(graph_module.graph.nodes):
         if node.op == "placeholder":
-            env[node] = next(placeholders)
+            env[node] = _token(node) if node.name in token_inputs else next(placeholders)
         elif node.op == "call_function":
             args = map_arg(node.args, env.__getitem__)
             kwargs = map_arg(node.kwargs, env.__getitem__)
@@ -112,6 +146,11 @@ def run(
             if target is operator.getitem:
                 env[node] = args[0][args[1]]
                 continue
+            val = node.meta.get("val")
+            effect_token = None
+            if target is _with_effects:
+                effect_token, target, *args = args
+                val = _effect_outputs(target, val)
             if not isinstance(target, torch._ops.OpOverload):
                 raise UnsupportedOpsError(
                     f"graph node {describe_node(node)} is not an ATen op ({type(target).__name__}); "
@@ -122,12 +161,17 @@ def run(
                 if fallback is None:
                     raise unsupported_error([node])
                 lower = fallback(node)
-            ctx = LoweringContext(node, node.meta.get("val"), rng, index)
+            ctx = LoweringContext(node, val, rng, index)
             out = lower(ctx, *args, **kwargs)
-            _check(node, out, node.meta.get("val"))
+            _check(node, out, val)
+            if node.target is _with_effects:
+                out = (effect_token, *out) if isinstance(out, (tuple, list)) else (effect_token, out)
             env[node] = out
         elif node.op == "output":
-            return list(map_arg(node.args[0], env.__getitem__))
+            outs = list(map_arg(node.args[0], env.__getitem__))
+            if len(token_outputs) == len(outs):
+                outs = [v for v, token in zip(outs, token_outputs, strict=True) if not token]
+            return outs
         else:
             raise UnsupportedOpsError(f"unsupported graph node kind {node.op!r}: {node.format_node()}")
     raise LoweringError("graph has no output node")

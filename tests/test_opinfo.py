@@ -59,6 +59,12 @@ KNOWN: dict[tuple[str, str], tuple[str, str]] = {
     ("unique_consecutive", "both"): (DATA_DEPENDENT, f"output length = number of runs; {_STATIC}"),
     ("item", "both"): (DATA_DEPENDENT, "returns a Python number, which a traced JAX function cannot"),
     ("tensor_split", "both"): (DATA_DEPENDENT, f"samples with tensor split points: {_STATIC}"),
+    # References torch itself marks wrong.
+    ("as_strided_scatter", "grad"): (
+        XFAIL,
+        "torch's own OpInfo marks this gradient expectedFailure (TestBwdGradients.test_fn_grad): "
+        "torch's backward of as_strided_scatter is not the true derivative",
+    ),
     # Dtypes JAX does not have.
     ("chalf", "both"): (SKIP, "complex32: JAX has no complex32 dtype"),
     # Limitations of torch.export that the bridge reports rather than hides.
@@ -124,6 +130,8 @@ def _cases() -> Iterator:
 def _origin(exc: BaseException) -> str:
     """'eager' if torch's own call raised, 'export' if torch.export did, else 'bridge'."""
     frames = traceback.extract_tb(exc.__traceback__)
+    if any(f.name == "_mutated" for f in frames):
+        return "eager"  # torch's own call, made to find the inputs the op writes into
     for outer, inner in zip(frames, frames[1:], strict=False):
         if outer.name == "check_sample" and (outer.line or "").startswith("expected = fn("):
             return "eager"

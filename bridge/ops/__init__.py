@@ -4,6 +4,7 @@ Each family module registers its lowerings with `@lowering(...)` on import.
 """
 
 from bridge.ops import (  # noqa: E402,F401  (imported for registration)
+    backward,
     creation,
     elementwise,
     fft,
@@ -14,6 +15,7 @@ from bridge.ops import (  # noqa: E402,F401  (imported for registration)
     random,
     reductions,
     shape,
+    special,
 )
 from bridge.ops.registry import LOWERINGS, LoweringContext, lowering
 

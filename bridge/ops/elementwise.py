@@ -52,6 +52,21 @@ def _safe(pred, x, fill):
     return jnp.where(pred, x, fill)
 
 
+def true_divide(num, den):
+    """num / den rounded as IEEE division, also where XLA would not.
+
+    XLA (on CPU) multiplies by the reciprocal when the divisor is a constant or
+    the same for a whole loop, which can be one ulp off. Where a lowering must
+    match torch bit for bit (bin edges, bin indices), the divisor is given the
+    dividend's shape and batching, behind an optimization barrier.
+    """
+    num, den = jnp.asarray(num), jnp.asarray(den)
+    shape = jnp.broadcast_shapes(num.shape, den.shape)
+    num = jnp.broadcast_to(num, shape)
+    den = den + jnp.where(jnp.isfinite(num), num * 0, 0).astype(den.dtype)
+    return num / lax.optimization_barrier(den)
+
+
 # -- arithmetic ---------------------------------------------------------------
 
 
@@ -412,6 +427,73 @@ def nan_to_num(ctx, x, nan=None, posinf=None, neginf=None):
     return jnp.nan_to_num(x, nan=0.0 if nan is None else nan, posinf=posinf, neginf=neginf)
 
 
+# -- floating-point decomposition: frexp, ldexp, signbit ------------------------
+
+
+def _float_layout(dtype):
+    """(unsigned type of the same width, mantissa bits, exponent bias) of a float dtype."""
+    info = jnp.finfo(dtype)
+    return jnp.dtype(f"uint{info.bits}"), int(info.nmant), (1 << (int(info.nexp) - 1)) - 1
+
+
+def _frexp_parts(x):
+    """torch's (std::frexp's) mantissa and exponent, read off the bits of `x`.
+
+    Subnormals are normalised exactly (XLA's CPU arithmetic flushes them, so
+    scaling by powers of two is not an option); 0, inf and NaN keep their value
+    with exponent 0.
+    """
+    utype, nmant, bias = _float_layout(x.dtype)
+    width = jnp.iinfo(utype).bits
+    one = jnp.asarray(1, utype)
+    bits = lax.bitcast_convert_type(x, utype)
+    sign = bits & (one << (width - 1))
+    field = ((bits >> nmant) & ((one << (width - 1 - nmant)) - 1)).astype(jnp.int32)
+    fraction = bits & ((one << nmant) - 1)
+    subnormal = (field == 0) & (fraction != 0)
+    top = (width - 1) - lax.clz(fraction).astype(jnp.int32)  # highest set bit of a subnormal
+    exponent = jnp.where(subnormal, top + 2 - bias - nmant, field - bias + 1)
+    shift = jnp.where(subnormal, nmant - top, 0).astype(utype)
+    fraction = (fraction << shift) & ((one << nmant) - 1)
+    mantissa = lax.bitcast_convert_type(sign | (jnp.asarray(bias - 1, utype) << nmant) | fraction, x.dtype)
+    special = ((field == 0) & ~subnormal) | (field == (2 * bias + 1))  # zero, inf, NaN
+    return jnp.where(special, x, mantissa), jnp.where(special, 0, exponent)
+
+
+@jax.custom_jvp
+def _frexp_mantissa(x):
+    return _frexp_parts(x)[0]
+
+
+@_frexp_mantissa.defjvp
+def _frexp_mantissa_jvp(primals, tangents):
+    # torch: d mantissa = grad / 2**exponent
+    (x,), (t,) = primals, tangents
+    mantissa, exponent = _frexp_parts(x)
+    return mantissa, t / jnp.exp2(exponent.astype(x.dtype))
+
+
+@lowering(aten.frexp.Tensor)
+def frexp(ctx, x):
+    return _frexp_mantissa(x), _frexp_parts(lax.stop_gradient(x))[1].astype(ctx.dtype_of(1))
+
+
+@lowering(aten.ldexp.Tensor)
+def ldexp(ctx, x, other):
+    # torch: self * pow(2, other), so overflow of 2**other shows as it does there.
+    x, other = _cast(ctx.dtype, x, other)
+    return x * jnp.power(jnp.asarray(2, ctx.dtype), other)
+
+
+@lowering(aten.signbit.default)
+def signbit(ctx, x):
+    if x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.unsignedinteger):
+        return jnp.zeros(x.shape, jnp.bool_)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return x < 0
+    return jnp.signbit(x)
+
+
 # -- comparisons, logic, bits ---------------------------------------------------
 
 
@@ -702,7 +784,7 @@ def view_as_complex(ctx, x):
     return lax.complex(x[..., 0], x[..., 1])
 
 
-@lowering(aten._conj.default, aten.conj_physical.default)
+@lowering(aten._conj.default, aten.conj_physical.default, aten._conj_physical.default)
 def conj(ctx, x):
     return jnp.conj(x)
 

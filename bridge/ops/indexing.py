@@ -348,6 +348,17 @@ def take(ctx, x, index):
     return jnp.ravel(x)[index]
 
 
+@lowering(aten.put.default)
+def put(ctx, x, index, source, accumulate=False):
+    """`x.flatten()[index] = source` (or `+=`), indices into the flattened tensor."""
+    flat = jnp.ravel(x)
+    index = jnp.ravel(index)
+    index = jnp.where(index < 0, index + flat.size, index)
+    source = jnp.ravel(source).astype(x.dtype)
+    flat = flat.at[index].add(source) if accumulate else flat.at[index].set(source)
+    return jnp.reshape(flat, x.shape)
+
+
 @lowering(aten.take_along_dim.default)
 def take_along_dim(ctx, x, indices, dim=None):
     if dim is None:

@@ -208,6 +208,8 @@ def linalg_inv_ex(ctx, a, *, check_errors=False):
 @lowering(aten._linalg_det.default)
 def _linalg_det(ctx, a):
     lu, pivots = _lu(a)
+    if a.shape[-1] == 0:  # det of a 0x0 matrix is 1; jnp's gradient rule fails on it
+        return jnp.ones(a.shape[:-2], a.dtype), lu, pivots
     return jnp.linalg.det(a), lu, pivots
 
 
@@ -292,7 +294,8 @@ def linalg_solve_triangular(ctx, a, b, *, upper, left=True, unitriangular=False)
 @partial(jax.custom_jvp, nondiff_argnums=(3,))
 def _pinv(a, atol, rtol, hermitian):
     if hermitian:
-        w, v = jnp.linalg.eigh(a)
+        # torch's eigh reads the lower triangle only.
+        w, v = jnp.linalg.eigh(_hermitian_from(a, lower=True), symmetrize_input=True)
         s, u, vh = jnp.abs(w), v * jnp.sign(w)[..., None, :].astype(a.dtype), _mH(v)
     else:
         u, s, vh = jnp.linalg.svd(a, full_matrices=False)
@@ -305,7 +308,8 @@ def _pinv(a, atol, rtol, hermitian):
 @_pinv.defjvp
 def _pinv_jvp(hermitian, primals, tangents):
     # The derivative of the pseudo-inverse at fixed rank (Golub & Pereyra,
-    # 1973), as torch's pinv_backward and jnp.linalg.pinv use it.
+    # 1973), as torch's pinv_backward and jnp.linalg.pinv use it. Like torch,
+    # it takes `a` whole, also where `hermitian` made the value read one triangle.
     a, atol, rtol = primals
     da = tangents[0]
     p = _pinv(a, atol, rtol, hermitian)

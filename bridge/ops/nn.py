@@ -11,6 +11,7 @@ index tables and divisors are computed with numpy at trace time.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -129,6 +130,37 @@ def einsum(ctx, equation, tensors, *, path=None):
     return jnp.einsum(equation, *[t.astype(ctx.dtype) for t in tensors]).astype(ctx.dtype)
 
 
+@lowering(aten._trilinear.default)
+def trilinear(ctx, i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1):
+    """sum over `sumdim` of i1 * i2 * i3, each first unsqueezed at its `expand` dims.
+
+    (bilinear's core: x1 (B, I) at [1, 3], weight (O, I, J) at [0], x2 (B, J)
+    at [1, 2], summed over [2, 3].) One einsum; a size-1 dim facing a larger
+    one broadcasts, like an expanded dim.
+    """
+    operands = [(i1, set(expand1)), (i2, set(expand2)), (i3, set(expand3))]
+    total = i1.ndim + len(expand1)
+    sizes = [1] * total
+    for t, expand in operands:
+        kept = [d for d in range(total) if d not in expand]
+        for d, n in zip(kept, t.shape, strict=True):
+            sizes[d] = max(sizes[d], n)
+    letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    subscripts, arrays, present = [], [], set()
+    for t, expand in operands:
+        kept = [d for d in range(total) if d not in expand]
+        broadcast = [k for k, d in enumerate(kept) if t.shape[k] == 1 and sizes[d] != 1]
+        t = jnp.squeeze(t, axis=tuple(broadcast)) if broadcast else t
+        dims = [d for k, d in enumerate(kept) if k not in broadcast]
+        present.update(dims)
+        subscripts.append("".join(letters[d] for d in dims))
+        arrays.append(t.astype(ctx.dtype))
+    out = "".join(letters[d] for d in range(total) if d not in sumdim and d in present)
+    kwargs = {"preferred_element_type": jnp.float32} if _is_low_float(ctx.dtype) else {}
+    y = jnp.einsum(f"{','.join(subscripts)}->{out}", *arrays, **kwargs)
+    return jnp.reshape(y, ctx.shape).astype(ctx.dtype)
+
+
 @lowering(aten.tensordot.default)
 def tensordot(ctx, a, b, dims_a, dims_b):
     axes = ([d % a.ndim for d in dims_a], [d % b.ndim for d in dims_b])
@@ -138,8 +170,8 @@ def tensordot(ctx, a, b, dims_a, dims_b):
 # --------------------------------------------------------------------------- convolution
 
 
-def _conv(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-    """torch's convolution: N-d, grouped, dilated, transposed, batched or not.
+def _conv(dtype, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+    """torch's convolution in `dtype`: N-d, grouped, dilated, transposed, batched or not.
 
     `padding` is a list of per-dim ints or a (low, high) pair list.
     """
@@ -170,7 +202,6 @@ def _conv(ctx, x, weight, bias, stride, padding, dilation, transposed, output_pa
         strides, lhs_dilation = (1,) * nd, stride
     else:
         w, strides, lhs_dilation = weight, stride, (1,) * nd
-    dtype = ctx.dtype
     y = lax.conv_general_dilated(
         x.astype(dtype),
         w.astype(dtype),
@@ -191,17 +222,17 @@ def _conv(ctx, x, weight, bias, stride, padding, dilation, transposed, output_pa
 
 @lowering(aten.convolution.default)
 def convolution(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-    return _conv(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    return _conv(ctx.dtype, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
 
 
 @lowering(aten._convolution.default, aten._convolution.deprecated)
 def _convolution(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, *flags):
-    return _conv(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    return _conv(ctx.dtype, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
 
 
 @lowering(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 def conv(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    return _conv(ctx, x, weight, bias, stride, padding, dilation, False, 0, groups)
+    return _conv(ctx.dtype, x, weight, bias, stride, padding, dilation, False, 0, groups)
 
 
 @lowering(aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
@@ -215,12 +246,12 @@ def conv_padding_mode(ctx, x, weight, bias=None, stride=1, padding="valid", dila
         pads = [(t // 2, t - t // 2) for t in totals]
     else:
         raise ValueError(f"conv padding must be 'valid' or 'same', got {padding!r}")
-    return _conv(ctx, x, weight, bias, stride, pads, dilation, False, 0, groups)
+    return _conv(ctx.dtype, x, weight, bias, stride, pads, dilation, False, 0, groups)
 
 
 @lowering(aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
 def conv_transpose(ctx, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    return _conv(ctx, x, weight, bias, stride, padding, dilation, True, output_padding, groups)
+    return _conv(ctx.dtype, x, weight, bias, stride, padding, dilation, True, output_padding, groups)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -331,12 +362,10 @@ def _avg_divisor(in_sizes, out_sizes, kernel, stride, padding, count_include_pad
     return divisor
 
 
-@lowering(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
-def avg_pool(
-    ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
-):
-    kernel, stride, padding, _, out_sizes, pads, lead = _pool_geometry(x, ctx.shape, kernel_size, stride, padding)
-    acc = _acc(ctx.dtype)
+def _avg_pool(x, out_shape, dtype, kernel_size, stride, padding, count_include_pad, divisor_override):
+    """torch's avg_pool of `x` to `out_shape` (torch's output shape, ceil_mode included)."""
+    kernel, stride, padding, _, out_sizes, pads, lead = _pool_geometry(x, out_shape, kernel_size, stride, padding)
+    acc = _acc(dtype)
     total = lax.reduce_window(
         x.astype(acc),
         np.array(0, acc),
@@ -350,9 +379,16 @@ def avg_pool(
     else:
         divisor = _avg_divisor(x.shape[lead:], out_sizes, kernel, stride, padding, count_include_pad)
         divisor = jnp.asarray(divisor, acc)
-    if jnp.issubdtype(ctx.dtype, jnp.integer):
-        return (total // divisor).astype(ctx.dtype)
-    return (total / divisor).astype(ctx.dtype)
+    if jnp.issubdtype(dtype, jnp.integer):
+        return (total // divisor).astype(dtype)
+    return (total / divisor).astype(dtype)
+
+
+@lowering(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
+def avg_pool(
+    ctx, x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None
+):
+    return _avg_pool(x, ctx.shape, ctx.dtype, kernel_size, stride, padding, count_include_pad, divisor_override)
 
 
 def _adaptive_windows(n: int, o: int) -> tuple[np.ndarray, np.ndarray]:
@@ -369,11 +405,15 @@ def _adaptive_windows(n: int, o: int) -> tuple[np.ndarray, np.ndarray]:
     aten._adaptive_avg_pool3d.default,
 )
 def adaptive_avg_pool(ctx, x, output_size):
-    nd = len(output_size)
-    acc = _acc(ctx.dtype)
+    return _adaptive_avg_pool(x, ctx.shape, ctx.dtype, len(output_size))
+
+
+def _adaptive_avg_pool(x, out_shape, dtype, nd):
+    """torch's adaptive_avg_pool of the last `nd` dims of `x` to `out_shape`."""
+    acc = _acc(dtype)
     y = x.astype(acc)
     for axis in range(x.ndim - nd, x.ndim):
-        n, o = y.shape[axis], ctx.shape[axis]
+        n, o = y.shape[axis], out_shape[axis]
         if n % o == 0:  # equal windows: a reshape and a mean
             y = jnp.mean(y.reshape(y.shape[:axis] + (o, n // o) + y.shape[axis + 1 :]), axis=axis + 1)
             continue
@@ -381,7 +421,7 @@ def adaptive_avg_pool(ctx, x, output_size):
         cols = np.arange(n)
         matrix = ((cols >= start[:, None]) & (cols < end[:, None])) / (end - start)[:, None]
         y = jnp.moveaxis(jnp.tensordot(y, jnp.asarray(matrix.T, acc), axes=([axis], [0])), -1, axis)
-    return y.astype(ctx.dtype)
+    return y.astype(dtype)
 
 
 @lowering(aten.adaptive_max_pool1d.default, aten.adaptive_max_pool2d.default, aten.adaptive_max_pool3d.default)
@@ -411,6 +451,115 @@ def adaptive_max_pool(ctx, x, output_size):
     return _gather_spatial(x, idx, nd), idx.astype(ctx.dtype_of(1))
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _unpool_scatter(values, index, size: int):
+    """values (P, K) written at flat positions index (P, K) of P planes of `size` elements."""
+    rows = jnp.arange(values.shape[0])[:, None]
+    out = jnp.zeros((values.shape[0], size), values.dtype)
+    return out.at[rows, index].set(values, mode="drop")
+
+
+@_unpool_scatter.defjvp
+def _unpool_scatter_jvp(size, primals, tangents):
+    # torch's max_unpool backward gathers the gradient at the indices, so an
+    # input whose index another input shares still gets the gradient there
+    # (the forward keeps one of them). A scatter-add tangent transposes to
+    # exactly that gather.
+    values, index = primals
+    rows = jnp.arange(values.shape[0])[:, None]
+    tangent = jnp.zeros((values.shape[0], size), values.dtype)
+    tangent = tangent.at[rows, index].add(tangents[0], mode="drop")
+    return _unpool_scatter(values, index, size), tangent
+
+
+def _max_unpool(ctx, x, indices, nd):
+    """Each value of x written at its flat spatial index of the output planes."""
+    out_shape = ctx.shape
+    planes = math.prod(out_shape[:-nd])
+    size = math.prod(out_shape[-nd:])
+    values = x.reshape(planes, -1)
+    index = indices.reshape(planes, -1).astype(jnp.int32)
+    if values.size == 0 or size == 0:
+        return jnp.zeros(out_shape, ctx.dtype)
+    out = _unpool_scatter(values, index, size)
+    return out.reshape(out_shape).astype(ctx.dtype)
+
+
+@lowering(aten.max_unpool2d.default)
+def max_unpool2d(ctx, x, indices, output_size):
+    return _max_unpool(ctx, x, indices, 2)
+
+
+@lowering(aten.max_unpool3d.default)
+def max_unpool3d(ctx, x, indices, output_size, stride, padding):
+    return _max_unpool(ctx, x, indices, 3)
+
+
+def _fractional_starts(sample, n: int, o: int, k: int):
+    """torch's pseudo-random window starts along one dim, per plane: (..., o) int32.
+
+    start_i = int((i + u) * alpha) - int(u * alpha), alpha = (n - k) / (o - 1),
+    and the last window ends at the input's end; computed in the samples'
+    dtype as torch does, so the truncations agree.
+    """
+    dt = sample.dtype
+    last = jnp.full(sample.shape + (1,), n - k, jnp.int32)
+    if o == 1:
+        return last
+    alpha = jnp.asarray(n - k, dt) / jnp.asarray(o - 1, dt)
+    u = sample[..., None]
+    i = jnp.arange(o - 1, dtype=dt)
+    starts = ((i + u) * alpha).astype(jnp.int32) - (u * alpha).astype(jnp.int32)
+    return jnp.concatenate([starts, last], axis=-1)
+
+
+def _fractional_max_pool(ctx, x, kernel_size, output_size, samples, nd):
+    """fractional_max_pool{2,3}d: max over windows placed by `samples` (N, C, nd).
+
+    torch reads the samples as (W, H) in 2-D and (T, H, W) in 3-D. Ties go to
+    the first position in the window, and a NaN wins (the last NaN).
+    """
+    unbatched = x.ndim == nd + 1
+    if unbatched:
+        x = x[None]
+    kernel, out_sizes = _expand(kernel_size, nd), _expand(output_size, nd)
+    in_sizes = x.shape[2:]
+    lead = x.shape[:2]
+    samples = jnp.reshape(samples, lead + (nd,))
+    sample_axis = (1, 0) if nd == 2 else (0, 1, 2)
+    strides = [math.prod(in_sizes[k + 1 :]) for k in range(nd)]
+    # Flat input index of every (output position, window offset), shaped
+    # (N, C, *out_sizes, *kernel), built one dim at a time.
+    flat = jnp.zeros(lead + (1,) * (2 * nd), jnp.int32)
+    for k in range(nd):
+        starts = _fractional_starts(samples[..., sample_axis[k]], in_sizes[k], out_sizes[k], kernel[k])
+        term = (starts[..., :, None] + jnp.arange(kernel[k], dtype=jnp.int32)) * strides[k]
+        shape = [1] * (2 * nd)
+        shape[k], shape[nd + k] = out_sizes[k], kernel[k]
+        flat = flat + term.reshape(lead + tuple(shape))
+    flat = flat.reshape(lead + tuple(out_sizes) + (-1,))
+    windows = _gather_spatial(lax.stop_gradient(x), flat, nd)
+    is_nan = windows != windows
+    width = windows.shape[-1]
+    last_nan = width - 1 - jnp.argmax(jnp.flip(is_nan, axis=-1), axis=-1)
+    best = jnp.where(jnp.any(is_nan, axis=-1), last_nan, jnp.argmax(windows, axis=-1))
+    idx = jnp.take_along_axis(flat, best[..., None], axis=-1)[..., 0]
+    out = _gather_spatial(x, idx, nd)  # gathering routes the gradient to the chosen element
+    if unbatched:
+        out, idx = out[0], idx[0]
+    return out.astype(ctx.dtype_of(0)), idx.astype(ctx.dtype_of(1))
+
+
+@lowering(aten.fractional_max_pool2d.default)
+def fractional_max_pool2d(ctx, x, kernel_size, output_size, random_samples):
+    return _fractional_max_pool(ctx, x, kernel_size, output_size, random_samples, 2)
+
+
+@lowering(aten.fractional_max_pool3d.default)
+def fractional_max_pool3d(ctx, x, kernel_size, output_size, random_samples):
+    return _fractional_max_pool(ctx, x, kernel_size, output_size, random_samples, 3)
+
+
 # --------------------------------------------------------------------------- normalisation
 
 
@@ -436,6 +585,8 @@ def native_layer_norm(ctx, x, normalized_shape, weight, bias, eps):
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
     y, mean, rstd = _normalize(x, axes, eps, _acc(x.dtype))
     y = _affine(y, weight, bias, tuple(normalized_shape))
+    # torch's mean and rstd outputs are not differentiable (no gradient flows back through them).
+    mean, rstd = lax.stop_gradient(mean), lax.stop_gradient(rstd)
     return y.astype(ctx.dtype_of(0)), _empty_or(ctx, 1, mean), _empty_or(ctx, 2, rstd)
 
 
@@ -516,14 +667,16 @@ def native_batch_norm_legit(ctx, x, weight, bias, running_mean, running_var, tra
     else:
         mean, var = running_mean, running_var
     y, rstd = _batch_norm_apply(x, weight, bias, mean, var, eps, ctx.dtype_of(0))
-    return y, _empty_or(ctx, 1, mean), _empty_or(ctx, 2, rstd)
+    # As in torch, the saved mean and rstd outputs carry no gradient.
+    return y, _empty_or(ctx, 1, lax.stop_gradient(mean)), _empty_or(ctx, 2, lax.stop_gradient(rstd))
 
 
 @lowering(aten._native_batch_norm_legit.no_stats)
 def native_batch_norm_legit_no_stats(ctx, x, weight, bias, training, momentum, eps):
     mean, var, _ = _batch_stats(x)
     y, rstd = _batch_norm_apply(x, weight, bias, mean, var, eps, ctx.dtype_of(0))
-    return y, _empty_or(ctx, 1, mean), _empty_or(ctx, 2, rstd)
+    # As in torch, the saved mean and rstd outputs carry no gradient.
+    return y, _empty_or(ctx, 1, lax.stop_gradient(mean)), _empty_or(ctx, 2, lax.stop_gradient(rstd))
 
 
 @lowering(aten._native_batch_norm_legit_no_training.default)
@@ -542,10 +695,8 @@ def native_batch_norm_legit_functional(ctx, x, weight, bias, running_mean, runni
     if not training:
         y, _ = _batch_norm_apply(x, weight, bias, running_mean, running_var, eps, ctx.dtype_of(0))
         return y, _empty_or(ctx, 1, jnp.zeros(())), _empty_or(ctx, 2, jnp.zeros(())), running_mean, running_var
-    mean, var, n = _batch_stats(x)
-    y, rstd = _batch_norm_apply(x, weight, bias, mean, var, eps, ctx.dtype_of(0))
-    new_mean = (1 - momentum) * running_mean + momentum * mean
-    new_var = (1 - momentum) * running_var + momentum * var * (n / max(n - 1, 1))
+    y, mean, rstd, new_mean, new_var = _batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps,
+                                                         ctx.dtype_of(0))
     return (
         y,
         _empty_or(ctx, 1, mean),
@@ -553,6 +704,32 @@ def native_batch_norm_legit_functional(ctx, x, weight, bias, running_mean, runni
         new_mean.astype(ctx.dtype_of(3)),
         new_var.astype(ctx.dtype_of(4)),
     )
+
+
+def _batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps, dtype):
+    """Training-mode batch norm: output, saved mean and rstd, new running stats.
+
+    torch updates the running statistics inside the kernel, outside
+    autograd: the update carries no gradient to the input, and the running
+    tensor's own gradient passes through unchanged. The same here, so
+    gradients match torch.autograd on the exported (functional) graph.
+    """
+    mean, var, n = _batch_stats(x)
+    y, rstd = _batch_norm_apply(x, weight, bias, mean, var, eps, dtype)
+    new_mean = (1 - momentum) * running_mean + momentum * mean
+    new_var = (1 - momentum) * running_var + momentum * var * (n / max(n - 1, 1))
+    new_mean = running_mean + lax.stop_gradient(new_mean - running_mean)
+    new_var = running_var + lax.stop_gradient(new_var - running_var)
+    return y, lax.stop_gradient(mean), lax.stop_gradient(rstd), new_mean, new_var
+
+
+@lowering(aten._batch_norm_with_update_functional.default)
+def batch_norm_with_update_functional(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
+    y, mean, rstd, new_mean, new_var = _batch_norm_train(x, weight, bias, running_mean, running_var, momentum, eps,
+                                                         ctx.dtype_of(0))
+    reserve = jnp.zeros(ctx.shape_of(3), ctx.dtype_of(3))  # cuDNN's workspace; empty on the CPU
+    return (y, mean.astype(ctx.dtype_of(1)), rstd.astype(ctx.dtype_of(2)), reserve,
+            new_mean.astype(ctx.dtype_of(4)), new_var.astype(ctx.dtype_of(5)))
 
 
 @lowering(aten.instance_norm.default)
@@ -606,9 +783,13 @@ def log_softmax(ctx, x, dim, dtype=None):
 
 
 def _safe_softmax_impl(x, dim):
-    """Softmax whose fully masked (all -inf) rows are 0 instead of NaN."""
-    out = jax.nn.softmax(x, axis=dim)
+    """Softmax whose fully masked (all -inf) rows are 0 instead of NaN.
+
+    The masked rows go through the softmax as zeros, so that their gradient
+    is 0 like torch's, not the NaN that a softmax of -inf rows back-propagates.
+    """
     masked_rows = jnp.all(x == -jnp.inf, axis=dim, keepdims=True)
+    out = jax.nn.softmax(jnp.where(masked_rows, 0.0, x), axis=dim)
     return jnp.where(masked_rows, 0.0, out)
 
 
@@ -793,6 +974,83 @@ def kl_div(ctx, x, target, reduction=_MEAN, *, log_target=False):
     return _reduce(loss, reduction).astype(ctx.dtype)
 
 
+def _chunked_lce_rows(x, linear_weight, target, linear_bias, weight, ignore_index):
+    """Per-row weighted cross entropy of logits x @ W.T (+ b): (loss_n, weight_n).
+
+    weight_n is the class weight of the row's target (1 without weights), 0
+    for ignored rows; loss_n = weight_n * (logsumexp(logits_n) - logits_n[t_n]).
+    """
+    acc = _acc(x.dtype)
+    logits = _matmul(x, linear_weight.T, acc)
+    if linear_bias is not None:
+        logits = logits + linear_bias.astype(acc)
+    ignored = target == ignore_index
+    if weight is not None:
+        weight = lax.stop_gradient(weight)  # the class weights get no gradient in torch's custom ops
+    safe = jnp.where(ignored, 0, target).astype(jnp.int32)
+    picked = jnp.take_along_axis(logits, safe[:, None], axis=1)[:, 0]
+    row_weight = jnp.ones(target.shape, acc) if weight is None else jnp.take(weight, safe).astype(acc)
+    row_weight = jnp.where(ignored, 0, row_weight)
+    return row_weight * (jax.nn.logsumexp(logits, axis=1) - picked), row_weight
+
+
+def _register_torch_nn_ops():
+    """torch.nn's chunked linear_cross_entropy custom ops exist once their module is imported."""
+    try:
+        import torch.nn.modules.linear_cross_entropy  # noqa: F401
+    except ImportError:  # a torch without linear_cross_entropy
+        return
+    ops = torch.ops.torch_nn
+
+    @lowering(ops._linear_cross_entropy_batch_chunked.default)
+    def linear_cross_entropy_chunked(
+        ctx, x, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+        batch_chunk_size, acc_policy, acc_dtype, allow_retain_graph, compute_input_grad,
+        compute_linear_weight_grad, compute_linear_bias_grad,
+    ):
+        """(loss, grad_input, grad_linear_weight, grad_linear_bias) with reduction 'mean' or 'sum'.
+
+        torch computes the gradients in the forward (batch-chunked, to save
+        memory) and its backward scales them; here the loss is differentiable
+        as is and the precomputed gradients, when the graph asks for them, are
+        its VJP at 1 (carrying no gradient themselves, as in torch).
+        """
+        if label_smoothing > 0:
+            raise NotImplementedError("linear_cross_entropy does not support label smoothing")
+
+        def loss_of(inp, lw, lb):
+            rows, row_weight = _chunked_lce_rows(inp, lw, target, lb, weight, ignore_index)
+            if reduction == "mean":
+                # An all-ignored (or empty) batch gives NaN, like torch.
+                total = jnp.sum(row_weight)
+                return jnp.sum(rows) / jnp.where(total == 0, jnp.nan, total)
+            return jnp.sum(rows)
+
+        loss = loss_of(x, linear_weight, linear_bias)
+        grads = [jnp.zeros(ctx.shape_of(i), ctx.dtype_of(i)) for i in (1, 2, 3)]
+        wanted = [compute_input_grad, compute_linear_weight_grad, compute_linear_bias_grad and linear_bias is not None]
+        if any(wanted):
+            args = (x, linear_weight, linear_bias)
+            _, vjp = jax.vjp(loss_of, *[lax.stop_gradient(a) if a is not None else None for a in args])
+            computed = vjp(jnp.ones((), loss.dtype))
+            grads = [
+                jnp.reshape(g, ctx.shape_of(i + 1)).astype(ctx.dtype_of(i + 1)) if w else grads[i]
+                for i, (g, w) in enumerate(zip(computed, wanted, strict=True))
+            ]
+        return (loss.astype(ctx.dtype_of(0)), *grads)
+
+    @lowering(ops._linear_cross_entropy_batch_chunked_no_reduction.default)
+    def linear_cross_entropy_chunked_none(
+        ctx, x, linear_weight, target, linear_bias, weight, ignore_index, batch_chunk_size, acc_policy, acc_dtype
+    ):
+        """Per-row loss (N,) of linear_cross_entropy with reduction='none'."""
+        rows, _ = _chunked_lce_rows(x, linear_weight, target, linear_bias, weight, ignore_index)
+        return rows.astype(ctx.dtype)
+
+
+_register_torch_nn_ops()
+
+
 # --------------------------------------------------------------------------- interpolation
 
 
@@ -869,6 +1127,8 @@ def _resample(x, out_spatial, taps_for_dim):
         if weights is None:
             y = jnp.take(y, jnp.asarray(indices), axis=axis)
             continue
+        if not jnp.issubdtype(y.dtype, jnp.inexact):
+            y, acc = y.astype(jnp.float32), jnp.float32  # integer images are resampled in float32
         shape = [1] * y.ndim
         shape[axis] = out_spatial[k]
         total = None
@@ -877,6 +1137,14 @@ def _resample(x, out_spatial, taps_for_dim):
             total = term if total is None else total + term
         y = total
     return y
+
+
+def _resampled(y, dtype):
+    """A resampled image in torch's output dtype: integer images are rounded and clamped."""
+    if jnp.issubdtype(dtype, jnp.integer) and jnp.issubdtype(y.dtype, jnp.inexact):
+        info = jnp.iinfo(dtype)
+        y = jnp.clip(jnp.round(y), info.min, info.max)
+    return y.astype(dtype)
 
 
 def _scales(nd, scales):
@@ -894,7 +1162,52 @@ def _upsample_linear(ctx, x, nd, align_corners, scales, cubic=False):
     scales = _scales(nd, scales)
     taps = _cubic_taps if cubic else _linear_taps
     out = ctx.shape[-nd:]
-    return _resample(x, out, lambda k, n, o: taps(n, o, scales[k], align_corners)).astype(ctx.dtype)
+    return _resampled(_resample(x, out, lambda k, n, o: taps(n, o, scales[k], align_corners)), ctx.dtype)
+
+
+def _antialias_taps(n: int, o: int, scale, align_corners: bool):
+    """(indices, weights) of torch's antialiased (PIL-style) bilinear resampling.
+
+    Output i averages the inputs within `support` of its centre
+    scale * (i + 0.5), weighted by a triangle filter stretched by the scale
+    when downsampling, and normalised to sum to 1. Slots past a window's
+    width get weight 0.
+    """
+    if align_corners:
+        ratio = (n - 1) / (o - 1) if o > 1 else 0.0
+    else:
+        ratio = 1.0 / scale if scale is not None and scale > 0 else n / o
+    ratio = float(np.float32(ratio))
+    support = ratio if ratio >= 1.0 else 1.0  # interp_size / 2 = 1, stretched by the scale
+    invscale = 1.0 / ratio if ratio >= 1.0 else 1.0
+    width = int(math.ceil(support)) * 2 + 1
+    center = ratio * (np.arange(o) + 0.5)
+    start = np.maximum(np.trunc(center - support + 0.5), 0).astype(np.int64)
+    size = np.clip(np.minimum(np.trunc(center + support + 0.5), n).astype(np.int64) - start, 0, width)
+    j = np.arange(width)
+    weights = np.maximum(0.0, 1.0 - np.abs((j[None, :] + start[:, None] - center[:, None] + 0.5) * invscale))
+    weights = np.where(j[None, :] < size[:, None], weights, 0.0)
+    total = weights.sum(axis=1, keepdims=True)
+    weights = np.where(total != 0, weights / np.where(total != 0, total, 1), weights)
+    indices = np.minimum(start[:, None] + j[None, :], n - 1)
+    return [indices[:, k] for k in range(width)], [weights[:, k].astype(np.float32) for k in range(width)]
+
+
+def _upsample_antialias(ctx, x, align_corners, scales):
+    scales = _scales(2, scales)
+    out = ctx.shape[-2:]
+    taps = lambda k, n, o: _antialias_taps(n, o, scales[k], align_corners)  # noqa: E731
+    return _resampled(_resample(x, out, taps), ctx.dtype)
+
+
+@lowering(aten._upsample_bilinear2d_aa.default)
+def upsample_bilinear2d_aa(ctx, x, output_size, align_corners, scales_h=None, scales_w=None):
+    return _upsample_antialias(ctx, x, align_corners, (scales_h, scales_w))
+
+
+@lowering(aten._upsample_bilinear2d_aa.vec)
+def upsample_bilinear2d_aa_vec(ctx, x, output_size, align_corners, scale_factors):
+    return _upsample_antialias(ctx, x, align_corners, scale_factors)
 
 
 @lowering(aten.upsample_nearest1d.default, aten.upsample_nearest2d.default, aten.upsample_nearest3d.default)
@@ -1016,6 +1329,41 @@ def grid_sampler_2d(ctx, x, grid, interpolation_mode, padding_mode, align_corner
     return out.astype(ctx.dtype)
 
 
+def _grid_gather_3d(x, iz, iy, ix):
+    """x[n, :, iz, iy, ix] for integer maps (N, Do, Ho, Wo); 0 where out of bounds."""
+    d, h, w = x.shape[2], x.shape[3], x.shape[4]
+    inside = (iz >= 0) & (iz < d) & (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+    iz = jnp.clip(iz, 0, d - 1).astype(jnp.int32)
+    iy = jnp.clip(iy, 0, h - 1).astype(jnp.int32)
+    ix = jnp.clip(ix, 0, w - 1).astype(jnp.int32)
+    values = jax.vmap(lambda vol, zz, yy, xx: vol[:, zz, yy, xx])(x, iz, iy, ix)
+    return jnp.where(inside[:, None], values, 0)
+
+
+@lowering(aten.grid_sampler_3d.default)
+def grid_sampler_3d(ctx, x, grid, interpolation_mode, padding_mode, align_corners):
+    """grid_sample on (N, C, D, H, W): modes 0 (tri)linear, 1 nearest (torch has no 3-D bicubic)."""
+    if interpolation_mode not in (0, 1):
+        raise NotImplementedError("grid_sampler_3d supports bilinear (0) and nearest (1) interpolation only")
+    d, h, w = x.shape[2], x.shape[3], x.shape[4]
+    ix = _grid_pad(_grid_unnormalize(grid[..., 0], w, align_corners), w, padding_mode, align_corners)
+    iy = _grid_pad(_grid_unnormalize(grid[..., 1], h, align_corners), h, padding_mode, align_corners)
+    iz = _grid_pad(_grid_unnormalize(grid[..., 2], d, align_corners), d, padding_mode, align_corners)
+    if interpolation_mode == 1:
+        return _grid_gather_3d(x, jnp.round(iz), jnp.round(iy), jnp.round(ix)).astype(ctx.dtype)
+    x0, y0, z0 = jnp.floor(ix), jnp.floor(iy), jnp.floor(iz)
+    x1, y1, z1 = x0 + 1, y0 + 1, z0 + 1
+    wx = ((x0, x1 - ix), (x1, ix - x0))
+    wy = ((y0, y1 - iy), (y1, iy - y0))
+    wz = ((z0, z1 - iz), (z1, iz - z0))
+    out = 0
+    for zc, zw in wz:
+        for yc, yw in wy:
+            for xc, xw in wx:
+                out = out + _grid_gather_3d(x, zc, yc, xc) * (xw * yw * zw)[:, None]
+    return out.astype(ctx.dtype)
+
+
 # --------------------------------------------------------------------------- distances
 
 
@@ -1131,6 +1479,127 @@ def embedding_bag_padding_idx(
     per_sample_weights=None, include_last_offset=False, padding_idx=-1,
 ):
     return _embedding_bag(ctx, weight, indices, offsets, mode, per_sample_weights, include_last_offset, padding_idx)
+
+
+def _take_segments(values, segment, num):
+    """values[segment] along axis 0, 0 where segment is out of range."""
+    valid = segment < num
+    picked = jnp.take(values, jnp.where(valid, segment, 0), axis=0)
+    return jnp.where(valid.reshape(valid.shape + (1,) * (values.ndim - 1)), picked, 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _segment_extreme(x, segment, num, is_max, initial):
+    """Per-segment max (min) of the rows of x; NaN propagates; empty -> initial or -inf (inf)."""
+    reduce = jax.ops.segment_max if is_max else jax.ops.segment_min
+    out = reduce(x, segment, num_segments=num)
+    has_nan = jax.ops.segment_max((x != x).astype(jnp.int32), segment, num_segments=num) > 0
+    out = jnp.where(has_nan, jnp.nan, out)
+    if initial is not None:
+        out = jnp.maximum(out, initial) if is_max else jnp.minimum(out, initial)
+    return out
+
+
+def _segment_extreme_fwd(x, segment, num, is_max, initial):
+    out = _segment_extreme(x, segment, num, is_max, initial)
+    return out, (x, segment, out)
+
+
+def _segment_extreme_bwd(num, is_max, initial, res, g):
+    # torch's rule: the gradient goes to every element equal to its segment's
+    # result (or NaN); with several such elements, the positive gradients are
+    # split evenly among them (torch leaves negative ones whole).
+    x, segment, out = res
+    hit = ((x == _take_segments(out, segment, num)) | (x != x)) & (segment < num)[:, None]
+    count = jax.ops.segment_sum(hit.astype(x.dtype), segment, num_segments=num)
+    grad = jnp.where(hit, _take_segments(g, segment, num), 0)
+    ties = _take_segments(count, segment, num)
+    grad = jnp.where((ties >= 2) & (grad > 0), grad / jnp.where(ties >= 2, ties, 1), grad)
+    return grad, None
+
+
+_segment_extreme.defvjp(_segment_extreme_fwd, _segment_extreme_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _segment_prod(x, segment, num, initial):
+    out = jax.ops.segment_prod(x, segment, num_segments=num)
+    return out if initial is None else out * initial
+
+
+def _segment_prod_fwd(x, segment, num, initial):
+    out = _segment_prod(x, segment, num, initial)
+    return out, (x, segment, out)
+
+
+def _segment_prod_bwd(num, initial, res, g):
+    # torch's rule: grad * out / x, except at zeros and NaNs, where the
+    # product of the other elements (and `initial`) is formed explicitly.
+    x, segment, out = res
+    inside = (segment < num)[:, None]
+    is_zero, is_nan = x == 0, x != x
+    special = is_zero | is_nan
+    others = jax.ops.segment_prod(jnp.where(special, 1, x), segment, num_segments=num)
+    if initial is not None:
+        others = others * initial
+    zeros = jax.ops.segment_sum(is_zero.astype(jnp.int32), segment, num_segments=num)
+    nans = jax.ops.segment_sum(is_nan.astype(jnp.int32), segment, num_segments=num)
+    other_zeros = _take_segments(zeros, segment, num) - is_zero
+    other_nans = _take_segments(nans, segment, num) - is_nan
+    exclusive = jnp.where(
+        other_nans > 0, jnp.nan, jnp.where(other_zeros > 0, 0, _take_segments(others, segment, num))
+    )
+    g_rows = _take_segments(g, segment, num)
+    plain = g_rows * _take_segments(out, segment, num) / jnp.where(special, 1, x)
+    grad = jnp.where(special, g_rows * exclusive, plain)
+    return jnp.where(inside, grad, 0), None
+
+
+_segment_prod.defvjp(_segment_prod_fwd, _segment_prod_bwd)
+
+
+@lowering(aten.segment_reduce.default)
+def segment_reduce(
+    ctx, data, reduce, *, lengths=None, indices=None, offsets=None, axis=0, unsafe=False, initial=None
+):
+    """Reduce consecutive segments along `axis` ('sum', 'mean', 'max', 'min', 'prod').
+
+    `lengths` (..., S) or `offsets` (..., S + 1) give the segments, batched
+    over the dims before `axis`. Elements past the last segment are ignored;
+    an empty segment gives `initial`, or 0 / NaN / -inf / inf / 1.
+    """
+    axis = axis % data.ndim
+    out_shape = ctx.shape
+    num = out_shape[axis]
+    batch = math.prod(data.shape[:axis])
+    length = data.shape[axis]
+    x = data.reshape(batch * length, -1)
+    if offsets is None:
+        lens = jnp.reshape(lengths, (batch, num)).astype(jnp.int32)
+        offs = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), jnp.cumsum(lens, axis=1)], axis=1)
+    else:
+        offs = jnp.reshape(offsets, (batch, num + 1)).astype(jnp.int32)
+    pos = jnp.arange(length, dtype=jnp.int32)
+    seg = jax.vmap(lambda o: jnp.searchsorted(o[1:], pos, side="right"))(offs).astype(jnp.int32)
+    inside = (pos[None, :] >= offs[:, :1]) & (seg < num)
+    total = batch * num
+    segment = jnp.where(inside, seg + (jnp.arange(batch, dtype=jnp.int32) * num)[:, None], total).reshape(-1)
+    if reduce in ("sum", "mean"):
+        out = jax.ops.segment_sum(x, segment, num_segments=total)
+        if initial is not None:
+            out = out + initial
+        if reduce == "mean":
+            count = jax.ops.segment_sum(inside.reshape(-1).astype(jnp.int32), segment, num_segments=total)
+            empty = (count == 0)[:, None]
+            mean = out / jnp.where(empty, 1, count[:, None]).astype(out.dtype)
+            out = jnp.where(empty, jnp.nan if initial is None else initial, mean)
+    elif reduce in ("max", "min"):
+        out = _segment_extreme(x, segment, total, reduce == "max", initial)
+    elif reduce == "prod":
+        out = _segment_prod(x, segment, total, initial)
+    else:
+        raise ValueError(f"segment_reduce: unknown reduction {reduce!r}")
+    return out.reshape(out_shape).astype(ctx.dtype)
 
 
 # --------------------------------------------------------------------------- activations

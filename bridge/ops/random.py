@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import torch
+from jax import lax
 
 from bridge.ops.registry import lowering
 
@@ -166,8 +167,9 @@ def randperm(ctx, n, **kwargs):
 
 @lowering(aten.normal.Tensor_float, aten.normal.float_Tensor, aten.normal.Tensor_Tensor)
 def normal(ctx, mean, std=1.0, *, generator=None):
-    # mean + std * eps: differentiable in mean and std, like torch's normal.
-    return (mean + std * _normal(ctx)).astype(ctx.dtype)
+    # torch defines normal's derivatives as zero (it is not reparameterised):
+    # torch.normal(m, s).sum().backward() leaves m.grad and s.grad at 0.
+    return lax.stop_gradient((mean + std * _normal(ctx)).astype(ctx.dtype))
 
 
 @lowering(aten.normal.float_float)
@@ -239,3 +241,23 @@ def multinomial(ctx, probs, num_samples, replacement=False, *, generator=None):
         return jnp.moveaxis(draws, 0, -1).astype(ctx.dtype)
     perturbed = logits + jax.random.gumbel(ctx.key(), logits.shape, jnp.float32)
     return jax.lax.top_k(perturbed, num_samples)[1].astype(ctx.dtype)
+
+
+# --------------------------------------------------------------------------- rrelu
+
+
+@lowering(aten.rrelu_with_noise_functional.default)
+def rrelu_with_noise_functional(ctx, x, noise, lower=0.125, upper=1.0 / 3.0, training=False, generator=None):
+    """(output, new noise) of randomized leaky ReLU.
+
+    Training: each x <= 0 is scaled by a slope drawn from U(lower, upper),
+    which the noise output records (1 where x > 0). Otherwise a leaky ReLU
+    with slope (lower + upper) / 2, noise passed through, and no key needed.
+    """
+    if not training:
+        slope = (lower + upper) / 2
+        return jnp.where(x > 0, x, x * slope).astype(ctx.dtype_of(0)), noise.astype(ctx.dtype_of(1))
+    dtype = _float_dtype(x.dtype)
+    slopes = jax.random.uniform(ctx.key(), x.shape, dtype, minval=lower, maxval=upper)
+    slopes = jnp.where(x > 0, jnp.ones((), dtype), slopes).astype(x.dtype)
+    return (x * slopes).astype(ctx.dtype_of(0)), jnp.broadcast_to(slopes, ctx.shape_of(1)).astype(ctx.dtype_of(1))

@@ -7,6 +7,7 @@ exactly the element torch's backward scatters into.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -14,6 +15,8 @@ import jax.numpy as jnp
 import torch
 from jax import lax
 
+from bridge.ops.creation import linspace_values
+from bridge.ops.elementwise import true_divide
 from bridge.ops.registry import lowering
 
 aten = torch.ops.aten
@@ -233,10 +236,39 @@ def _safe_root(total, p):
     return jnp.where(zero, 0, root)
 
 
+@jax.custom_jvp
+def _magnitude(x):
+    return jnp.abs(x)
+
+
+@_magnitude.defjvp
+def _magnitude_jvp(primals, tangents):
+    # torch's abs backward: grad * sgn(x), so 0 (not 1) where x is 0.
+    (x,), (t,) = primals, tangents
+    magnitude = jnp.abs(x)
+    if jnp.iscomplexobj(x):
+        unit = x / jnp.where(magnitude == 0, 1, magnitude).astype(x.dtype)
+        return magnitude, jnp.real(jnp.conj(unit) * t)
+    return magnitude, jnp.sign(x) * t
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _magnitude_pow(magnitude, p):
+    return magnitude**p
+
+
+@_magnitude_pow.defjvp
+def _magnitude_pow_jvp(p, primals, tangents):
+    # torch's norm backward is 0 where an element is 0, also for p < 1 (not inf or NaN).
+    (m,), (t,) = primals, tangents
+    safe = jnp.where(m == 0, 1, m)
+    return m**p, jnp.where(m == 0, 0, p * safe ** (p - 1) * t)
+
+
 @lowering(aten.linalg_vector_norm.default)
 def linalg_vector_norm(ctx, x, ord=2, dim=None, keepdim=False, *, dtype=None):
     dims = _dims(x, dim)
-    magnitude = jnp.abs(x).astype(ctx.dtype)
+    magnitude = _magnitude(x).astype(ctx.dtype)
     if ord == math.inf:
         return jnp.max(magnitude, axis=dims, keepdims=keepdim, initial=0.0)
     if ord == -math.inf:
@@ -247,7 +279,13 @@ def linalg_vector_norm(ctx, x, ord=2, dim=None, keepdim=False, *, dtype=None):
         return jnp.sum(magnitude, axis=dims, keepdims=keepdim)
     if ord == 2:
         return _safe_root(jnp.sum(magnitude * magnitude, axis=dims, keepdims=keepdim), 2)
-    return _safe_root(jnp.sum(magnitude**ord, axis=dims, keepdims=keepdim), ord)
+    return _safe_root(jnp.sum(_magnitude_pow(magnitude, ord), axis=dims, keepdims=keepdim), ord)
+
+
+@lowering(aten.dist.default)
+def dist(ctx, x, other, p=2):
+    diff = jnp.subtract(x, other)
+    return linalg_vector_norm(ctx, diff if jnp.iscomplexobj(diff) else diff.astype(ctx.dtype), p)
 
 
 # -- cumulative ops -------------------------------------------------------------------------
@@ -422,3 +460,184 @@ def mode(ctx, x, dim=-1, keepdim=False):
     best = jnp.argmax(run_length, axis=axis, keepdims=True)
     index = jnp.take_along_axis(order, best, axis=axis)
     return _unkeep(_gather(x, index, axis), axis, keepdim), _unkeep(index, axis, keepdim).astype(ctx.dtype_of(1))
+
+
+# -- histograms ----------------------------------------------------------------------------
+#
+# torch's CPU kernel (aten/src/ATen/native/cpu/HistogramKernel.cpp) maps each
+# element to a bin in one of three ways, reproduced here because an element on
+# a bin edge lands in a different bin under each: histc divides
+# `(x - left) * bins / (right - left)` and truncates; histogram/histogramdd with
+# a bin count do the same, then correct the guess by comparing with the edges
+# next to it ("local search"); with explicit edge tensors they binary-search
+# the edges. Elements outside [left, right] (and NaN) are skipped, and the last
+# bin includes its right edge.
+
+
+def _edge_linspace(start, end, bins: int, dtype):
+    """The `bins + 1` edges from `start` to `end`, as torch's CPU linspace computes them."""
+    if jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        return linspace_values(start, end, bins + 1, dtype)
+    return linspace_values(start, end, bins + 1, jnp.float32).astype(dtype)
+
+
+def _linear_bin(x, edges, local_search: bool):
+    """Bin index (and whether `x` is counted) for linearly spaced `edges`."""
+    count = edges.shape[0]
+    left, right = edges[0], edges[-1]
+    inside = (x >= left) & (x <= right)
+    guess = true_divide((x - left) * jnp.asarray(count - 1, x.dtype), right - left)
+    pos = jnp.where(inside & jnp.isfinite(guess), guess, 0).astype(jnp.int32)  # truncates, as static_cast
+    if local_search:
+        # std::upper_bound over edges[max(pos - 1, 0) : min(pos + 2, count)]
+        low = jnp.maximum(pos - 1, 0)
+        high = jnp.minimum(pos + 2, count)
+        below = jnp.zeros_like(pos)
+        for k in range(3):
+            at = low + k
+            below = below + ((at < high) & (edges[jnp.minimum(at, count - 1)] <= x)).astype(pos.dtype)
+        pos = low + below - 1
+    return jnp.where(pos == count - 1, pos - 1, pos), inside
+
+
+def _searched_bin(x, edges):
+    """Bin index (and whether `x` is counted) by binary search of `edges` (std::upper_bound)."""
+    count = edges.shape[0]
+    inside = (x >= edges[0]) & (x <= edges[-1])
+    pos = jnp.searchsorted(edges, x, side="right").astype(jnp.int32) - 1
+    return jnp.where(pos == count - 1, pos - 1, pos), inside
+
+
+def _histogramdd(points, edges, weight, density, find_bin):
+    """The histogram of `points` (N, D) over the per-dimension `edges`, as torch's kernel counts it."""
+    dtype = points.dtype
+    sizes = tuple(e.shape[0] - 1 for e in edges)
+    flat = jnp.zeros((), jnp.int32)
+    counted = jnp.ones(points.shape[:1], jnp.bool_)
+    for d, e in enumerate(edges):
+        pos, inside = find_bin(points[:, d], e)
+        flat = flat * sizes[d] + pos
+        counted = counted & inside
+    total = math.prod(sizes)
+    w = jnp.ones(points.shape[:1], dtype) if weight is None else jnp.reshape(weight, (-1,)).astype(dtype)
+    hist = jnp.zeros((total,), dtype).at[jnp.where(counted, flat, total)].add(w, mode="drop")
+    hist = jnp.reshape(hist, sizes)
+    if density:
+        hist = true_divide(hist, jnp.sum(hist))
+        for d, e in enumerate(edges):
+            shape = [1] * len(sizes)
+            shape[d] = sizes[d]
+            hist = true_divide(hist, jnp.reshape(jnp.diff(e), shape))
+    return hist
+
+
+def _outer_edges(points, range_):
+    """torch's `select_outer_bin_edges`: the range, or the data's min/max (0..1 if empty), widened by 0.5 if empty."""
+    n, dims = points.shape
+    # Static bounds stay Python floats (torch's doubles), so the edges are computed
+    # at trace time rather than folded by XLA.
+    if range_ is not None:
+        lows, highs = [float(v) for v in range_[0::2]], [float(v) for v in range_[1::2]]
+        return [(lo - 0.5, hi + 0.5) if lo == hi else (lo, hi) for lo, hi in zip(lows, highs, strict=True)]
+    if n == 0:
+        return [(0.0, 1.0)] * dims
+    lows, highs = jnp.min(points, axis=0), jnp.max(points, axis=0)
+    same = lows == highs
+    lows, highs = jnp.where(same, lows - 0.5, lows), jnp.where(same, highs + 0.5, highs)
+    return [(lows[d], highs[d]) for d in range(dims)]
+
+
+def _bin_count_edges(points, bins, range_):
+    points = lax.stop_gradient(points)
+    return [_edge_linspace(lo, hi, b, points.dtype) for (lo, hi), b in zip(_outer_edges(points, range_), bins, strict=True)]
+
+
+def _as_points(x):
+    """histogramdd's view of its input: (N, D) with D the last dimension."""
+    return jnp.reshape(x, (-1, x.shape[-1])) if x.ndim else jnp.reshape(x, (1, 1))
+
+
+@lowering(aten.histc.default)
+def histc(ctx, x, bins=100, min=0, max=0):
+    # torch's range: [min, max], or the data's when min == max, widened by 1 if empty.
+    values = lax.stop_gradient(jnp.ravel(x))
+    lo, hi = float(min), float(max)
+    if lo == hi and values.size:
+        lo, hi = jnp.min(values), jnp.max(values)
+        same = lo == hi
+        lo, hi = jnp.where(same, lo - 1, lo), jnp.where(same, hi + 1, hi)
+    elif lo == hi:
+        lo, hi = lo - 1, hi + 1
+    edges = _edge_linspace(lo, hi, bins, values.dtype)
+    return _histogramdd(values[:, None], [edges], None, False, functools.partial(_linear_bin, local_search=False))
+
+
+@lowering(aten.histogram.bin_ct)
+def histogram(ctx, x, bins=100, *, range=None, weight=None, density=False):
+    points = jnp.reshape(x, (-1, 1))
+    edges = _bin_count_edges(points, [bins], range)
+    hist = _histogramdd(lax.stop_gradient(points), edges, weight, density, functools.partial(_linear_bin, local_search=True))
+    return hist, edges[0]
+
+
+@lowering(aten.histogram.bins_tensor)
+def histogram_bins_tensor(ctx, x, bins, *, weight=None, density=False):
+    points = lax.stop_gradient(jnp.reshape(x, (-1, 1)))
+    return _histogramdd(points, [bins], weight, density, _searched_bin), bins
+
+
+@lowering(aten._histogramdd_bin_edges.default)
+def histogramdd_bin_edges(ctx, x, bins, *, range=None, weight=None, density=False):
+    return _bin_count_edges(_as_points(x), bins, range)
+
+
+@lowering(aten._histogramdd_from_bin_cts.default)
+def histogramdd_from_bin_cts(ctx, x, bins, *, range=None, weight=None, density=False):
+    points = lax.stop_gradient(_as_points(x))
+    edges = _bin_count_edges(points, bins, range)
+    return _histogramdd(points, edges, weight, density, functools.partial(_linear_bin, local_search=True))
+
+
+@lowering(aten._histogramdd_from_bin_tensors.default)
+def histogramdd_from_bin_tensors(ctx, x, bins, *, weight=None, density=False):
+    return _histogramdd(lax.stop_gradient(_as_points(x)), list(bins), weight, density, _searched_bin)
+
+
+# -- hash_tensor -------------------------------------------------------------------------------
+
+
+def _hash_words(x, dtype):
+    """Each element as torch's hash_tensor sees it: widened to 64-bit float/int and read as uint64.
+
+    With x64 off JAX has no uint64, and torch's result arrives as its low 32
+    bits; those are computed from the bits of the 32-bit value.
+    """
+    if jnp.dtype(dtype).itemsize == 8:
+        if jnp.issubdtype(x.dtype, jnp.floating):
+            return lax.bitcast_convert_type(x.astype(jnp.float64), jnp.uint64)
+        if jnp.issubdtype(x.dtype, jnp.signedinteger):
+            return lax.bitcast_convert_type(x.astype(jnp.int64), jnp.uint64)
+        return x.astype(jnp.uint64)
+    if jnp.issubdtype(x.dtype, jnp.signedinteger):
+        return lax.bitcast_convert_type(x.astype(jnp.int32), jnp.uint32)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(jnp.uint32)
+    # float32 -> float64 keeps the 23 fraction bits at the top of the 52; the low
+    # word holds the last 3 of them. A subnormal is normalised first: its fraction
+    # moves up until its leading bit sits at bit 52.
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    fraction = bits & jnp.uint32(0x7FFFFF)
+    subnormal = ((bits >> 23) & jnp.uint32(0xFF)) == 0
+    top = 31 - lax.clz(fraction).astype(jnp.int32)
+    shift = jnp.where(subnormal, 52 - top, 29).astype(jnp.uint32)
+    return lax.shift_left(fraction, shift)
+
+
+@lowering(aten.hash_tensor.default)
+def hash_tensor(ctx, x, dim=(), *, keepdim=False, mode=0):
+    if mode != 0:
+        raise NotImplementedError(f"hash_tensor: mode={mode} (torch implements only mode 0, xor_sum)")
+    dims = _dims(x, dim)
+    words = _hash_words(lax.stop_gradient(x), ctx.dtype)
+    out = lax.reduce(words, jnp.zeros((), words.dtype), lax.bitwise_xor, dims)
+    return jnp.reshape(out, ctx.shape)
