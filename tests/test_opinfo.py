@@ -137,7 +137,7 @@ def _origin(exc: BaseException) -> str:
             return "eager"
         if outer.name == "_check_grad" and (outer.line or "").startswith("expected = torch.autograd.grad("):
             return "eager"  # torch defines no gradient for one of the inputs
-        if outer.name == "capture" and inner.name == "export" and "torch/export" in inner.filename:
+        if outer.name in ("capture", "_export") and inner.name == "export" and "torch/export" in inner.filename:
             return "export"
     if type(exc).__name__ in ("DynamicOutputShapeException", "DataDependentOutputException"):
         return "export"
