@@ -18,22 +18,18 @@ Writes `benchmarks/results/bench_callback.md`. Environment, as bench_dlpack.py:
 - `BRIDGE_BENCH_RESULTS=DIR`: write the table into DIR instead; required
   with `BRIDGE_BENCH_QUICK=1`, so quick numbers never replace real ones.
 
-Not here: the comparison of trace mode with one callback-fallback op against
-a full translation, which needs the trace-mode interpreter.
+Trace mode with one op falling back to a callback, against a full
+translation, is bench_hybrid.py.
 """
 
 from __future__ import annotations
 
 import datetime
-import gc
 import os
 import platform
 import statistics
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -41,14 +37,20 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import torch
-from common import command_line, cpu_model
+from common import (
+    command_line,
+    cpu_model,
+    fmt_us,
+    is_quick,
+    results_dir,
+    time_interleaved,
+    write_results,
+)
 from jax.experimental.buffer_callback import buffer_callback
 from torch._subclasses.fake_tensor import FakeTensor
 
 from bridge import callback
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS = REPO / "benchmarks" / "results"
 NAME = "bench_callback"
 OVERHEAD_TARGET_US = 30.0  # callback under jit minus torch direct, small tensor
 NO_COPY_FACTOR = 2.0  # overhead on 256 MiB at most this times the small-tensor overhead
@@ -87,27 +89,6 @@ class Row:
 # ------------------------------------------------------------------ timing
 
 
-def _time_interleaved(
-    calls: dict[str, Callable[[], Any]], reps: int, warmup: int
-) -> dict[str, list[int]]:
-    """Per-call nanoseconds of each zero-argument call, alternating their order."""
-    times: dict[str, list[int]] = {name: [] for name in calls}
-    order = list(calls.items())
-    gc.collect()
-    gc.disable()
-    try:
-        for i in range(warmup + reps):
-            for name, fn in order if i % 2 == 0 else order[::-1]:
-                start = time.perf_counter_ns()
-                fn()
-                stop = time.perf_counter_ns()
-                if i >= warmup:
-                    times[name].append(stop - start)
-    finally:
-        gc.enable()
-    return times
-
-
 class Pointers:
     """Wraps a torch function to record the data pointer of its first input."""
 
@@ -139,7 +120,7 @@ def _case(
         np.asarray(wrapped(x)), torch_fn(t).numpy(), rtol=1e-5, atol=1e-5
     )
     recorder.seen.clear()
-    times = _time_interleaved(
+    times = time_interleaved(
         {
             "torch": lambda: torch_fn(t),
             "callback": lambda: wrapped(x).block_until_ready(),
@@ -210,7 +191,7 @@ def floor_ns(cfg: Config) -> dict[str, list[int]]:
     hand = jax.jit(lambda x: buffer_callback(minimal, shape)(x))
     bridged = jax.jit(callback.wrap(torch.sin))
     np.testing.assert_allclose(np.asarray(hand(x)), np.asarray(bridged(x)), rtol=1e-6)
-    return _time_interleaved(
+    return time_interleaved(
         {
             "empty": lambda: empty(x).block_until_ready(),
             "minimal": lambda: hand(x).block_until_ready(),
@@ -231,13 +212,6 @@ def _size_label(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def _fmt_us(ns: list[int]) -> str:
-    deciles = statistics.quantiles(ns, n=10, method="inclusive")
-    p10, med, p90 = deciles[0] / 1e3, statistics.median(ns) / 1e3, deciles[-1] / 1e3
-    digits = 1 if med < 100 else 0
-    return f"{med:,.{digits}f} [{p10:,.{digits}f}, {p90:,.{digits}f}]"
-
-
 def _overhead_us(row: Row) -> float:
     return (statistics.median(row.callback_ns) - statistics.median(row.torch_ns)) / 1e3
 
@@ -255,9 +229,9 @@ def _targets(rows: list[Row], floor: dict[str, list[int]]) -> list[str]:
         f"- Per-call overhead on a small tensor (callback under jit minus torch direct, "
         f"medians): {overhead:.1f} us (target < {OVERHEAD_TARGET_US:g} us): {met}",
         "- What buffer_callback itself costs, `torch.sin` on 64 B, timed alternating: an "
-        f"empty callback {_fmt_us(floor['empty'])} us; a minimal hand-written torch "
-        f"callback (no checks) {_fmt_us(floor['minimal'])} us; `bridge.callback` "
-        f"{_fmt_us(floor['bridge'])} us (no target)",
+        f"empty callback {fmt_us(floor['empty'])} us; a minimal hand-written torch "
+        f"callback (no checks) {fmt_us(floor['minimal'])} us; `bridge.callback` "
+        f"{fmt_us(floor['bridge'])} us (no target)",
     ]
     # A copy of the large input would add milliseconds; the overhead must stay
     # within twice the small-tensor overhead, or within the noise of torch's own time.
@@ -289,7 +263,7 @@ def render(
     load: tuple[float, ...],
 ) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    transport = "buffer_callback" if callback._buffer_callback is not None else "pure_callback"
+    transport = callback.TRANSPORT
     lines = [
         "## callback: torch behind a JAX primitive under `jax.jit`" + (" (QUICK)" if quick else ""),
         "",
@@ -316,40 +290,30 @@ def render(
     ]
     for r in rows:
         lines.append(
-            f"| {r.case} | {r.fn} | {_fmt_us(r.torch_ns)} | {_fmt_us(r.callback_ns)} | "
-            f"{_overhead_us(r):,.1f} | {_fmt_us(r.jax_ns)} | {r.pointers} |"
+            f"| {r.case} | {r.fn} | {fmt_us(r.torch_ns)} | {fmt_us(r.callback_ns)} | "
+            f"{_overhead_us(r):,.1f} | {fmt_us(r.jax_ns)} | {r.pointers} |"
         )
     lines += [
         "",
         "Targets:",
         "",
         *_targets(rows, floor),
-        "- Not measured: trace mode with one callback-fallback op against a full translation "
-        "(needs the trace-mode interpreter).",
+        "- Trace mode with one op falling back to a callback, against a full translation: "
+        "see bench_hybrid.",
         "",
     ]
     return "\n".join(lines)
 
 
 def main() -> None:
-    quick = os.environ.get("BRIDGE_BENCH_QUICK") == "1"
-    out_dir = Path(os.environ.get("BRIDGE_BENCH_RESULTS", DEFAULT_RESULTS))
-    if quick and out_dir.resolve() == DEFAULT_RESULTS.resolve():
-        sys.exit(
-            "BRIDGE_BENCH_QUICK=1 needs BRIDGE_BENCH_RESULTS=DIR (not benchmarks/results): "
-            "quick numbers must not replace the real results."
-        )
+    quick = is_quick()
+    out_dir = results_dir(quick)
     cfg = QUICK if quick else FULL
     torch.set_num_threads(TORCH_THREADS)
     load = os.getloadavg()
     rows = run_cases(cfg)
     floor = floor_ns(cfg)
-    text = render(rows, floor, cfg, quick, load)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f"{NAME}.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out_dir / f"{NAME}.md")
-    print(text)
+    write_results(out_dir, NAME, render(rows, floor, cfg, quick, load))
 
 
 if __name__ == "__main__":

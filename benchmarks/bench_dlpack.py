@@ -21,11 +21,9 @@ import gc
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,12 +31,10 @@ import jax.dlpack
 import jax.numpy as jnp
 import jaxlib
 import torch
-from common import command_line, cpu_model
+from common import command_line, cpu_model, fmt_us, is_quick, results_dir, write_results
 
 import bridge
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS = REPO / "benchmarks" / "results"
 NAME = "bench_dlpack"
 OVERHEAD_TARGET = 1.5  # bridge / raw, single tensor
 SCALING_TARGET = 2.0  # largest / smallest single tensor, bridge
@@ -224,17 +220,6 @@ def run_cases(cfg: Config) -> list[Row]:
 # ------------------------------------------------------------------ report
 
 
-def _quantiles_us(ns: list[int]) -> tuple[float, float, float]:
-    deciles = statistics.quantiles(ns, n=10, method="inclusive")
-    return deciles[0] / 1e3, statistics.median(ns) / 1e3, deciles[-1] / 1e3
-
-
-def _fmt_us(ns: list[int]) -> str:
-    p10, med, p90 = _quantiles_us(ns)
-    digits = 1 if med < 100 else 0
-    return f"{med:,.{digits}f} [{p10:,.{digits}f}, {p90:,.{digits}f}]"
-
-
 def _median(ns: list[int]) -> float:
     return statistics.median(ns)
 
@@ -290,8 +275,8 @@ def render(rows: list[Row], cfg: Config, quick: bool, load: tuple[float, ...]) -
     ]
     for r in rows:
         lines.append(
-            f"| {r.case} | {r.direction} | `{r.raw_call}` | {_fmt_us(r.raw_ns)} | "
-            f"{_fmt_us(r.bridge_ns)} | {_ratio(r):.2f}x | yes ({r.shared_checks:,} results) |"
+            f"| {r.case} | {r.direction} | `{r.raw_call}` | {fmt_us(r.raw_ns)} | "
+            f"{fmt_us(r.bridge_ns)} | {_ratio(r):.2f}x | yes ({r.shared_checks:,} results) |"
         )
     per_tensor = "; ".join(
         f"{r.direction}: raw {_median(r.raw_ns) / count / 1e3:.1f} us, "
@@ -311,22 +296,12 @@ def render(rows: list[Row], cfg: Config, quick: bool, load: tuple[float, ...]) -
 
 
 def main() -> None:
-    quick = os.environ.get("BRIDGE_BENCH_QUICK") == "1"
-    out_dir = Path(os.environ.get("BRIDGE_BENCH_RESULTS", DEFAULT_RESULTS))
-    if quick and out_dir.resolve() == DEFAULT_RESULTS.resolve():
-        sys.exit(
-            "BRIDGE_BENCH_QUICK=1 needs BRIDGE_BENCH_RESULTS=DIR (not benchmarks/results): "
-            "quick numbers must not replace the real results."
-        )
+    quick = is_quick()
+    out_dir = results_dir(quick)
     cfg = QUICK if quick else FULL
     load = os.getloadavg()
     rows = run_cases(cfg)
-    text = render(rows, cfg, quick, load)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f"{NAME}.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out_dir / f"{NAME}.md")
-    print(text)
+    write_results(out_dir, NAME, render(rows, cfg, quick, load))
 
 
 if __name__ == "__main__":

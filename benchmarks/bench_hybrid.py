@@ -33,7 +33,6 @@ import datetime
 import os
 import platform
 import sys
-import time
 import warnings
 from collections.abc import Callable
 
@@ -41,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from common import cpu_model, fmt_us, is_quick, results_dir
+from common import cpu_model, fmt_us, is_quick, median, results_dir, time_interleaved, write_results
 from torch import nn
 
 import bridge
@@ -95,19 +94,6 @@ class ResidualMLP(nn.Module):
         for block in self.blocks:
             x = block(x)
         return x
-
-
-def rounds(contenders: dict[str, Callable[[], object]], n: int, warmup: int) -> dict[str, list[int]]:
-    for _ in range(warmup):
-        for fn in contenders.values():
-            fn()
-    times: dict[str, list[int]] = {k: [] for k in contenders}
-    for _ in range(n):
-        for k, fn in contenders.items():
-            start = time.perf_counter_ns()
-            fn()
-            times[k].append(time.perf_counter_ns() - start)
-    return times
 
 
 def close(got: jax.Array, want: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
@@ -172,17 +158,15 @@ def main() -> None:
     forward_fns["torch eager"] = torch_forward
     train_fns["torch eager"] = torch_train
     results = {
-        "forward": rounds(forward_fns, calls, warmup),
-        "forward + backward": rounds(train_fns, calls, warmup),
+        "forward": time_interleaved(forward_fns, calls, warmup),
+        "forward + backward": time_interleaved(train_fns, calls, warmup),
     }
     text = render(results, quick, (width, layers, batch), calls, callbacks_in_hybrid, fallback[0], load)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_hybrid.md").write_text(text)
-    print(text)
+    write_results(out_dir, "bench_hybrid", text)
 
 
 def med(ns: list[int]) -> float:
-    return float(np.median(ns)) / 1e3
+    return median(ns) / 1e3
 
 
 def render(results: dict, quick: bool, shape: tuple, calls: int, n_callbacks: int, warning: str,
@@ -204,7 +188,7 @@ def render(results: dict, quick: bool, shape: tuple, calls: int, n_callbacks: in
         f"{layers // 2} is a `torch.library.custom_op` with no lowering: trace mode warned "
         f"\"{warning.splitlines()[0][:160]}\" and compiled one program with {n_callbacks} "
         "custom_call(s) in it.",
-        f"- Method: {calls} calls per form after warm-up, the forms called in turn; microseconds "
+        f"- Method: {calls} calls per form after warm-up, the forms called in turn (order reversed every round); microseconds "
         "per call as median [p10, p90]. Forward: `jax.jit(apply)(params, x)` blocked until ready "
         "(torch: `model(x)` under no_grad). Forward + backward: `jax.jit(jax.value_and_grad(loss))` "
         "with `loss = mean(apply(params, x) ** 2)` (torch: `loss.backward()`). Outputs and every "

@@ -27,19 +27,16 @@ import datetime
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from common import cpu_model
+from common import cpu_model, fmt_us, is_quick, results_dir, time_interleaved, write_results
 
 import bridge
 
-DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"
 TORCH_THREADS = 1  # torch only glues here; its idle threads would compete with XLA's
 Case = tuple[str, Callable, dict, np.ndarray]
 # Residuals the forward keeps: all of jax.vjp's (the default), or matmul
@@ -114,19 +111,6 @@ def transformer_case(quick: bool) -> Case:
     return name, loss, params, x
 
 
-def time_alternating(a: Callable[[], None], b: Callable[[], None], calls: int) -> tuple[list, list]:
-    """Per-call nanoseconds of `a` and `b`, called in turn."""
-    ta, tb = [], []
-    for _ in range(calls):
-        start = time.perf_counter_ns()
-        a()
-        mid = time.perf_counter_ns()
-        b()
-        ta.append(mid - start)
-        tb.append(time.perf_counter_ns() - mid)
-    return ta, tb
-
-
 def check_same_numbers(
     module: torch.nn.Module, loss: Callable, params_j: dict, x: np.ndarray
 ) -> None:
@@ -170,16 +154,10 @@ def run_case(case: Case, calls: int, warmup: int) -> list[tuple]:
         works = [("forward + backward", (torch_train, jax_train))]
         if policy is None:  # the policy changes nothing without gradients
             works.append(("forward, no_grad", (torch_forward, jax_forward)))
-        for work, pair in works:
-            time_alternating(*pair, warmup)
-            t, j = time_alternating(*pair, calls)
-            rows.append((name, f"{work}{policy_name}", t, j))
+        for work, (torch_fn, jax_fn) in works:
+            times = time_interleaved({"torch": torch_fn, "jax": jax_fn}, calls, warmup)
+            rows.append((name, f"{work}{policy_name}", times["torch"], times["jax"]))
     return rows
-
-
-def fmt(ns: list[int]) -> str:
-    p10, p50, p90 = np.percentile(np.asarray(ns) / 1e3, [10, 50, 90])
-    return f"{p50:,.1f} [{p10:,.1f}, {p90:,.1f}]"
 
 
 def median_us(ns: list[int]) -> float:
@@ -198,7 +176,7 @@ def render(rows: list[tuple], quick: bool, calls: int, load: tuple[float, ...]) 
         f"- Versions: Python {sys.version.split()[0]}, torch {torch.__version__}, "
         f"jax {jax.__version__}, backend {jax.default_backend()}",
         f"- Method: float32, `torch.set_num_threads({TORCH_THREADS})`; {calls} calls per row "
-        "after warm-up, the torch and JAX calls alternating; per-call microseconds as median "
+        "after warm-up, the torch and JAX calls in turn (order reversed every round); per-call microseconds as median "
         "[p10, p90]. torch module: `module.zero_grad(set_to_none=True); module(x).backward()` "
         "on `bridge.jax_to_torch(loss, params)`. Pure JAX: "
         "`jax.jit(jax.value_and_grad(loss))(params, x)` and `jax.block_until_ready`. Loss "
@@ -213,7 +191,7 @@ def render(rows: list[tuple], quick: bool, calls: int, load: tuple[float, ...]) 
     for name, work, t, j in rows:
         over = median_us(t) - median_us(j)
         lines.append(
-            f"| {name} | {work} | {fmt(j)} | {fmt(t)} | {over:,.1f} | "
+            f"| {name} | {work} | {fmt_us(j)} | {fmt_us(t)} | {over:,.1f} | "
             f"{median_us(t) / median_us(j):.2f}x |"
         )
         budget = 1.2 * median_us(j) + 50
@@ -228,23 +206,15 @@ def render(rows: list[tuple], quick: bool, calls: int, load: tuple[float, ...]) 
 
 
 def main() -> None:
-    quick = os.environ.get("BRIDGE_BENCH_QUICK") == "1"
-    out_dir = Path(os.environ.get("BRIDGE_BENCH_RESULTS", DEFAULT_RESULTS))
-    if quick and out_dir.resolve() == DEFAULT_RESULTS:
-        raise SystemExit(
-            "BRIDGE_BENCH_QUICK=1 needs BRIDGE_BENCH_RESULTS=DIR (not benchmarks/results): "
-            "quick numbers must not replace the real ones."
-        )
+    quick = is_quick()
+    out_dir = results_dir(quick)
     torch.set_num_threads(TORCH_THREADS)
     load = os.getloadavg()
     calls, warmup = (20, 5) if quick else (300, 30)
     rows = []
     for make in (mlp_case, transformer_case):
         rows.extend(run_case(make(quick), calls, warmup))
-    text = render(rows, quick, calls, load)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_jax_to_torch.md").write_text(text)
-    print(text)
+    write_results(out_dir, "bench_jax_to_torch", render(rows, quick, calls, load))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ Writes: benchmarks/results/bench_torch_to_jax.md
 
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
 import gc
@@ -48,7 +49,16 @@ import numpy as np
 import optax
 import torch
 import transformers as tf
-from common import cpu_model, fmt_us, is_quick, results_dir
+from common import (
+    cpu_model,
+    fmt_ms,
+    fmt_us,
+    is_quick,
+    median,
+    results_dir,
+    time_interleaved,
+    write_results,
+)
 
 import bridge
 from bridge import capture
@@ -129,18 +139,6 @@ def timed(fn: Callable[[], object]) -> float:
     return float(time.perf_counter_ns() - start)
 
 
-def rounds(contenders: dict[str, Callable[[], object]], n: int, warmup: int) -> dict[str, list[float]]:
-    """Per-call nanoseconds of each contender, called in turn, `n` rounds."""
-    for _ in range(warmup):
-        for fn in contenders.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(n):
-        for k, fn in contenders.items():
-            times[k].append(timed(fn))
-    return times
-
-
 def to_jax_tree(x: dict) -> dict:
     return {k: bridge.to_jax(v) for k, v in x.items()}
 
@@ -198,7 +196,7 @@ def bench_forward(m: Model, reps: int, warmup: int) -> None:
     def bridged() -> None:
         jax.block_until_ready(jitted(params, **xj))
 
-    times = rounds({"eager": eager, "compile": tcompile, "bridge": bridged}, reps, warmup)
+    times = time_interleaved({"eager": eager, "compile": tcompile, "bridge": bridged}, reps, warmup)
     m.results["forward"] = times
     m.results["forward_err"] = err
     m.results["weights_mb"] = sum(p.nbytes for p in params.values()) / 2**20
@@ -260,7 +258,7 @@ def bench_train(m: Model, reps: int, warmup: int) -> None:
     j_losses.append(bridged())
 
     # torch: eager and torch.compile, each on its own copy of the initial weights.
-    compiled_model = torch.compile(_copy(model))
+    compiled_model = torch.compile(copy.deepcopy(model))
     contenders = {}
     t_losses = {}
     firsts = {}
@@ -289,34 +287,22 @@ def bench_train(m: Model, reps: int, warmup: int) -> None:
             # loss 1 comes after one update: forward and gradient errors add up
             tol = LOSS_RTOL * (1 + i)
             assert err <= tol, f"{m.name}: training loss {i} differs from torch {key}: {a} vs {b}"
-    times = rounds(contenders, reps, warmup)
+    times = time_interleaved(contenders, reps, warmup)
     m.results["train"] = times
     m.results["train_losses"] = (j_losses, t_losses["eager"], t_losses["compile"])
     m.results["train_first"] = {"bridge": t_first, **firsts}
     torch._dynamo.reset()
 
 
-def _copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
-
-
 # --------------------------------------------------------------------------- memory
 
 
-def _hwm_kb() -> int:
+def _status_kb(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: its peak), in KiB."""
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _rss_kb() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _reset_hwm() -> None:
@@ -340,13 +326,13 @@ def memory_child(key: str, quick: bool) -> dict:
     weights = sum(t.nbytes for t in model.state_dict().values())
     gc.collect()
     _reset_hwm()
-    base = _rss_kb()
+    base = _status_kb("VmRSS")
     apply, params = bridge.torch_to_jax(model)
-    after_convert = _hwm_kb()
+    after_convert = _status_kb("VmHWM")
     traced = jax.jit(apply).trace(params, **xj)
-    after_trace = _hwm_kb()
+    after_trace = _status_kb("VmHWM")
     traced.lower().compile()
-    after_compile = _hwm_kb()
+    after_compile = _status_kb("VmHWM")
     mib = 1024.0
     return {
         "weights_mib": weights / 2**20,
@@ -414,20 +400,15 @@ def bench_mlp(calls: int) -> dict:
         with torch.no_grad():
             mlp(tx)
 
-    times = rounds({"translated": run_translated, "hand": run_hand, "torch": run_torch}, calls, 200)
+    times = time_interleaved({"translated": run_translated, "hand": run_hand, "torch": run_torch}, calls, 200)
     return {"name": f"MLP {width}-{width}-{width}-{width}, batch {batch}", **times}
 
 
 # --------------------------------------------------------------------------- report
 
 
-def med_ms(ns: list[float]) -> float:
-    return float(np.median(ns)) / 1e6
-
-
-def fmt_ms(ns: list[float]) -> str:
-    p10, p50, p90 = np.percentile(np.asarray(ns) / 1e6, [10, 50, 90])
-    return f"{p50:,.1f} [{p10:,.1f}, {p90:,.1f}]"
+def med_ms(ns: list[int]) -> float:
+    return median(ns) / 1e6
 
 
 def s(ns: float) -> str:
@@ -449,7 +430,7 @@ def render(models: list[Model], mem: dict, mlp: dict, quick: bool, reps: tuple, 
         f"torch threads {torch.get_num_threads()}, XLA CPU backend",
         "- Method: float32, random-init transformers models (no weights downloaded). "
         f"{fwd_reps} forward and {train_reps} training-step rounds per model after 2 warm-up "
-        "rounds, the three contenders called in turn in each round; milliseconds per call as "
+        "rounds, the three contenders called in turn (order reversed every round); milliseconds per call as "
         "median [p10, p90]. Forward: `model(**inputs)` under `torch.no_grad()`, the same on "
         "`torch.compile(model)`, and `jax.jit(apply)(params, **inputs)` blocked until ready. "
         "Training step: `zero_grad; model(**inputs, labels=...).loss.backward(); "
@@ -564,9 +545,7 @@ def main() -> None:
     print("== MLP dispatch", flush=True)
     mlp = bench_mlp(mlp_calls)
     text = render(models, mem, mlp, quick, (fwd_reps, train_reps, mlp_calls), load)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "bench_torch_to_jax.md").write_text(text)
-    print(text)
+    write_results(out_dir, "bench_torch_to_jax", text)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import shlex
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,6 +38,7 @@ def command_line(quick: bool) -> str:
     return env + shlex.join([rel(sys.executable), rel(sys.argv[0]), *sys.argv[1:]])
 
 
+
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"
 
 
@@ -55,9 +61,53 @@ def results_dir(quick: bool) -> Path:
     return out
 
 
-def fmt_us(ns: list[int] | list[float]) -> str:
-    """Median [p10, p90] of per-call nanoseconds, in microseconds."""
-    import numpy as np
+def write_results(out_dir: Path, name: str, text: str) -> None:
+    """Write `name`.md into `out_dir` (whole or not at all) and print it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f"{name}.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(out_dir / f"{name}.md")
+    print(text)
 
-    p10, p50, p90 = np.percentile(np.asarray(ns, dtype=float) / 1e3, [10, 50, 90])
-    return f"{p50:,.1f} [{p10:,.1f}, {p90:,.1f}]"
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], reps: int, warmup: int) -> dict[str, list[int]]:
+    """Per-call nanoseconds of each zero-argument call, called in turn.
+
+    The order reverses every round, so no call always runs right after the
+    same other one; the garbage collector is off while timing."""
+    times: dict[str, list[int]] = {name: [] for name in calls}
+    order = list(calls.items())
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(warmup + reps):
+            for name, fn in order if i % 2 == 0 else order[::-1]:
+                start = time.perf_counter_ns()
+                fn()
+                stop = time.perf_counter_ns()
+                if i >= warmup:
+                    times[name].append(stop - start)
+    finally:
+        gc.enable()
+    return times
+
+
+def median(ns: list[int]) -> float:
+    return statistics.median(ns)
+
+
+def _fmt(ns: list[int], per: float) -> str:
+    deciles = statistics.quantiles(ns, n=10, method="inclusive") if len(ns) > 1 else [ns[0]] * 9
+    p10, med, p90 = deciles[0] / per, statistics.median(ns) / per, deciles[-1] / per
+    digits = 1 if med < 100 else 0
+    return f"{med:,.{digits}f} [{p10:,.{digits}f}, {p90:,.{digits}f}]"
+
+
+def fmt_us(ns: list[int]) -> str:
+    """Median [p10, p90] of per-call nanoseconds, in microseconds."""
+    return _fmt(ns, 1e3)
+
+
+def fmt_ms(ns: list[int]) -> str:
+    """Median [p10, p90] of per-call nanoseconds, in milliseconds."""
+    return _fmt(ns, 1e6)

@@ -35,22 +35,20 @@ def table_rows(markdown: str) -> list[list[str]]:
     return [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows[1:]]
 
 
+def _run_quick(script: str, tmp_path: Path) -> str:
+    env = {**os.environ, "BRIDGE_BENCH_QUICK": "1", "BRIDGE_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run(
+        [sys.executable, f"benchmarks/{script}.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [p.name for p in tmp_path.iterdir()] == [f"{script}.md"]
+    return (tmp_path / f"{script}.md").read_text()
+
+
 def test_bench_dlpack_quick_mode_writes_every_row_with_sharing_verified(tmp_path):
     real = BENCHMARKS / "results" / "bench_dlpack.md"
     real_before = real.read_bytes() if real.exists() else None
-    env = {**os.environ, "BRIDGE_BENCH_QUICK": "1", "BRIDGE_BENCH_RESULTS": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_dlpack.py"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-
-    assert [p.name for p in tmp_path.iterdir()] == ["bench_dlpack.md"]
-    text = (tmp_path / "bench_dlpack.md").read_text()
+    text = _run_quick("bench_dlpack", tmp_path)
     rows = table_rows(text)
     assert [(r[0], r[1]) for r in rows] == [(c, d) for c in QUICK_CASES for d in DIRECTIONS]
     for case, _, _, raw_us, bridge_us, ratio, shared in rows:
@@ -109,16 +107,6 @@ def test_run_readme_is_header_then_results_in_name_order(tmp_path):
     readme = run.render_readme(tmp_path)
     assert readme.startswith(run.HEADER)
     assert readme[len(run.HEADER) :] == "\n## a\n\n| y |\n\n## b\n\n| x |\n"
-
-
-def _run_quick(script: str, tmp_path: Path) -> str:
-    env = {**os.environ, "BRIDGE_BENCH_QUICK": "1", "BRIDGE_BENCH_RESULTS": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, f"benchmarks/{script}.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert [p.name for p in tmp_path.iterdir()] == [f"{script}.md"]
-    return (tmp_path / f"{script}.md").read_text()
 
 
 def test_bench_torch_to_jax_quick_mode_checks_parity_and_writes_every_table(tmp_path):
