@@ -41,12 +41,14 @@ pytestmark = pytest.mark.slow
 # number) depends on tensor values are left out, as torch's rejected samples
 # are, when they fail with one of DATA_DEPENDENT_ERRORS; the others must pass.
 SKIP, XFAIL, DATA_DEPENDENT = "skip", "xfail", "data-dependent"
+# Exception type -> text its message must contain ("" for any) for a sample
+# of a data-dependent entry to count as data-dependent rather than failing.
 DATA_DEPENDENT_ERRORS = {
-    "DataDependentShapeError",  # the bridge's error for nonzero, masked_select, ...
-    "GuardOnDataDependentSymNode",  # torch.export, on a shape read from a tensor
-    "PendingUnbackedSymbolNotFound",
-    "UnsupportedOpsError",  # only with "unique" in the message, see _data_dependent
-    "NotImplementedError",  # only for aten._local_scalar_dense (.item()), see _data_dependent
+    "DataDependentShapeError": "",  # the bridge's error for nonzero, masked_select, ...
+    "GuardOnDataDependentSymNode": "",  # torch.export, on a shape read from a tensor
+    "PendingUnbackedSymbolNotFound": "",
+    "UnsupportedOpsError": "unique",  # _unique2 / unique_consecutive: lengths set by values
+    "NotImplementedError": "_local_scalar_dense",  # .item()
 }
 _STATIC = "JAX arrays have static shapes under jit"
 KNOWN: dict[tuple[str, str], tuple[str, str]] = {
@@ -145,12 +147,8 @@ def _origin(exc: BaseException) -> str:
 
 
 def _data_dependent(exc: BaseException) -> bool:
-    name, msg = type(exc).__name__, str(exc)
-    if name == "UnsupportedOpsError":
-        return "unique" in msg
-    if name == "NotImplementedError":
-        return "_local_scalar_dense" in msg
-    return name in DATA_DEPENDENT_ERRORS
+    needle = DATA_DEPENDENT_ERRORS.get(type(exc).__name__)
+    return needle is not None and needle in str(exc)
 
 
 def _record(**row) -> None:
