@@ -1072,16 +1072,22 @@ def _nearest_index(n: int, o: int, scale, exact: bool) -> np.ndarray:
     return np.minimum(src.astype(np.int64), n - 1)
 
 
+def _source_coords(n: int, o: int, scale, align_corners: bool) -> np.ndarray:
+    """The input coordinate of each output position, in float32 as torch computes it
+    (area_pixel_compute_source_index, before the linear modes clamp it at 0)."""
+    if align_corners:
+        ratio = np.float32(n - 1) / np.float32(o - 1) if o > 1 else np.float32(0)
+        return ratio * np.arange(o, dtype=np.float32)
+    ratio = _scale_value(scale, n, o)
+    return ratio * (np.arange(o, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+
+
 def _linear_taps(n: int, o: int, scale, align_corners: bool):
     """(indices, weights) of the two taps per output position (torch's upsample_linear)."""
     if o == n:
         return [np.arange(o)], [np.ones(o, np.float32)]
-    if align_corners:
-        ratio = np.float32(n - 1) / np.float32(o - 1) if o > 1 else np.float32(0)
-        src = ratio * np.arange(o, dtype=np.float32)
-    else:
-        ratio = _scale_value(scale, n, o)
-        src = ratio * (np.arange(o, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    src = _source_coords(n, o, scale, align_corners)
+    if not align_corners:
         src = np.maximum(src, np.float32(0))
     i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
     lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
@@ -1103,12 +1109,7 @@ def _cubic_weights(t, a=-0.75):
 
 def _cubic_taps(n: int, o: int, scale, align_corners: bool):
     """(indices, weights) of the four taps per output position."""
-    if align_corners:
-        ratio = np.float32(n - 1) / np.float32(o - 1) if o > 1 else np.float32(0)
-        src = ratio * np.arange(o, dtype=np.float32)
-    else:
-        ratio = _scale_value(scale, n, o)
-        src = ratio * (np.arange(o, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    src = _source_coords(n, o, scale, align_corners)
     base = np.floor(src)
     weights = _cubic_weights((src - base).astype(np.float32))
     base = base.astype(np.int64)

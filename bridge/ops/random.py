@@ -132,29 +132,18 @@ def randn(ctx, *args, **kwargs):
     return _normal(ctx).astype(ctx.dtype)
 
 
-@lowering(aten.randint.default)
-def randint(ctx, high, size, **kwargs):
-    return _integers(ctx, 0, high)
-
-
-@lowering(aten.randint.low)
-def randint_low(ctx, low, high, size, **kwargs):
+@lowering(aten.randint.default, aten.randint.low)
+def randint(ctx, *args, **kwargs):
+    # (high, size) or (low, high, size)
+    low, high = (0, args[0]) if len(args) == 2 else args[:2]
     return _integers(ctx, low, high)
 
 
-@lowering(aten.randint_like.default)
-def randint_like(ctx, x, high, **kwargs):
-    return _integers(ctx, 0, high)
-
-
-@lowering(aten.randint_like.low_dtype)
-def randint_like_low(ctx, x, low, high, **kwargs):
+@lowering(aten.randint_like.default, aten.randint_like.Tensor, aten.randint_like.low_dtype)
+def randint_like(ctx, x, *args, **kwargs):
+    # (high) or (low, high); high may be a tensor (the .Tensor overload)
+    low, high = (0, args[0]) if len(args) == 1 else args[:2]
     return _integers(ctx, low, high)
-
-
-@lowering(aten.randint_like.Tensor)
-def randint_like_tensor(ctx, x, high, **kwargs):
-    return _integers(ctx, 0, high)
 
 
 @lowering(aten.randperm.default)
