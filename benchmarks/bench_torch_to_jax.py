@@ -279,17 +279,14 @@ def bench_train(m: Model, reps: int, warmup: int) -> None:
         contenders[key] = torch_step
     contenders["bridge"] = bridged
 
-    # Against torch eager, the reference (torch.compile's own losses can
-    # differ from eager's by more: 1e-3 on ResNet-50 in train mode here).
-    for key in ("eager",):
-        for i, (a, b) in enumerate(zip(j_losses, t_losses[key], strict=True)):
-            err = abs(a - b) / abs(b)
-            # loss 1 comes after one update: forward and gradient errors add up
-            tol = LOSS_RTOL * (1 + i)
-            assert err <= tol, f"{m.name}: training loss {i} differs from torch {key}: {a} vs {b}"
+    # Against torch eager, the reference (torch.compile's own losses may
+    # differ from eager's by more than the tolerance).
+    for i, (a, b) in enumerate(zip(j_losses, t_losses["eager"], strict=True)):
+        # loss 1 comes after one update: forward and gradient errors add up
+        tol = LOSS_RTOL * (1 + i)
+        assert abs(a - b) <= tol * abs(b), f"{m.name}: training loss {i} differs from torch eager: {a} vs {b}"
     times = time_interleaved(contenders, reps, warmup)
     m.results["train"] = times
-    m.results["train_losses"] = (j_losses, t_losses["eager"], t_losses["compile"])
     m.results["train_first"] = {"bridge": t_first, **firsts}
     torch._dynamo.reset()
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from jax import lax
 
+from bridge.ops.elementwise import true_divide
 from bridge.ops.registry import lowering
 
 aten = torch.ops.aten
@@ -53,15 +54,6 @@ def _chebyshev_series(coeffs, y):
         before, prev = prev, cur
         cur = y * prev - before + c
     return 0.5 * (cur - before)
-
-
-def _exactly(divisor, like):
-    """`divisor` as an array XLA cannot see is constant.
-
-    XLA rewrites a division by a constant into a multiplication by its rounded
-    reciprocal; torch divides. Dividing by this keeps the division.
-    """
-    return lax.optimization_barrier(jnp.full_like(like, divisor))
 
 
 def _float(ctx, *values):
@@ -323,7 +315,7 @@ def _airy_ai(x):
     dtype = x.dtype
     # x < -2.09: oscillating asymptotic form, in z = 1 / zeta, zeta = (2/3) (-x)^(3/2).
     neg = jnp.where(x < -2.09, x, -4.0)
-    zeta = -2.0 * neg * jnp.sqrt(-neg) / _exactly(3.0, x)
+    zeta = true_divide(-2.0 * neg * jnp.sqrt(-neg), np.asarray(3.0, dtype))  # divides, as torch
     z = 1.0 / zeta
     zz = z * z
     phase = zeta + np.asarray(0.25, dtype) * np.asarray(math.pi, dtype)
@@ -333,7 +325,7 @@ def _airy_ai(x):
 
     # x >= 2.09: decaying asymptotic form.
     pos = jnp.where(x >= 2.09, x, 4.0)
-    zeta = 2.0 * pos * jnp.sqrt(pos) / _exactly(3.0, x)
+    zeta = true_divide(2.0 * pos * jnp.sqrt(pos), np.asarray(3.0, dtype))
     ratio = _horner(_AI_AN, 1.0 / zeta) / _horner(_AI_AD, 1.0 / zeta)
     decaying = _INV_SQRT_PI * ratio / (2.0 * jnp.sqrt(jnp.sqrt(pos)) * jnp.exp(zeta))
 
