@@ -79,22 +79,24 @@ _NUMPY_DTYPES = frozenset(
     }
 )
 
-# JAX views of the module's parameters and buffers, keyed by id(tensor): the
-# memory is shared, so a view stays valid while the tensor keeps its storage
-# (in-place optimizer updates included) and is rebuilt when it moves.
-_VIEWS: dict[int, tuple[weakref.ref, tuple, jax.Array]] = {}
+# A module keeps JAX views of its parameters and buffers (`_Views`), keyed by
+# id(tensor): the memory is shared, so a view stays valid while the tensor
+# keeps its storage (in-place optimizer updates included) and is rebuilt when
+# it moves. The table belongs to the module (through its `_Spec`), so it dies
+# with it; it holds one entry per tensor the module was built with.
+_Views = dict[int, tuple[weakref.ref, tuple, jax.Array]]
 
 
 def _layout(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), t.shape, t.stride(), t.dtype)
 
 
-def _remember_view(t: torch.Tensor, a: jax.Array) -> None:
+def _remember_view(views: _Views, t: torch.Tensor, a: jax.Array) -> None:
     """Record `a` as the JAX view of `t` if the two share memory."""
     if t.numel() == 0 or a.unsafe_buffer_pointer() != t.data_ptr():
         return
     key = id(t)
-    _VIEWS[key] = (weakref.ref(t, lambda _, key=key: _VIEWS.pop(key, None)), _layout(t), a)
+    views[key] = (weakref.ref(t, lambda _, key=key: views.pop(key, None)), _layout(t), a)
 
 
 @functools.cache
@@ -103,14 +105,14 @@ def _host_only() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _jax_input(t: torch.Tensor) -> Any:
+def _jax_input(t: torch.Tensor, views: _Views | None = None) -> Any:
     """A JAX-readable value for tensor `t`, without copying its memory."""
-    view = _VIEWS.get(id(t))
+    view = views.get(id(t)) if views else None
     if view is not None and view[0]() is t:
         if view[1] == _layout(t):
             return view[2]
         a = to_jax(t)
-        _remember_view(t, a)
+        _remember_view(views, t, a)
         return a
     if (
         t.device.type == "cpu"
@@ -228,14 +230,14 @@ def _vjp_impl(res: _Res, xs: Sequence[Any], cts: Sequence[Any]) -> list[Any]:
     return [_conj(g) for g in res.vjp(xs)([_conj(c) for c in cts])]
 
 
-_apply_vjp = jax.jit(_vjp_impl)
-
-
 # --------------------------------------------------------------------------
 # Pure JAX functions of flat arrays
 
 
-_FNS: dict[int, _JaxFn] = {}
+# key -> function, for the custom op's `fn` argument. Weak: a function lives as
+# long as the module or torch function that built it (its `_Spec` holds it);
+# compiled graphs hold only the key.
+_FNS: weakref.WeakValueDictionary[int, _JaxFn] = weakref.WeakValueDictionary()
 _fn_keys = itertools.count()
 
 
@@ -256,8 +258,18 @@ class _JaxFn:
         self.n_primary: int | None = None
         self.n_aux: int | None = None
         self.out_def: Any = None  # set by functions that produce a user pytree
+        self.views: _Views | None = None  # the owning module's views of its tensors
         self.plain = jax.jit(self.traced)
         self.fwd_vjp = jax.jit(self._fwd_vjp, static_argnums=0)
+
+        # A jit of its own (not one shared by every function): jit caches its
+        # traces per function, and the residuals' tree structure names this
+        # function's VJP, so a shared jit would keep every wrapped function's
+        # backward alive for the life of the process.
+        def apply_vjp(res: _Res, xs: Sequence[Any], cts: Sequence[Any]) -> list[Any]:
+            return _vjp_impl(res, xs, cts)
+
+        self.apply_vjp = jax.jit(apply_vjp)
         self._derived: dict[tuple, _JaxFn] = {}
         self._residual_defs: dict[tuple, tuple[Any, tuple]] = {}
 
@@ -305,6 +317,7 @@ class _JaxFn:
         fn = self._derived.get(key)
         if fn is None:
             fn = self._derived[key] = _JaxFn(*make())
+            fn.views = self.views
         return fn
 
     def recompute_vjp(self, diff: tuple[bool, ...]) -> _JaxFn:
@@ -400,7 +413,7 @@ class _Residuals:
 
 
 def _call_forward(fn: _JaxFn, diff: tuple[bool, ...], tensors: Sequence[torch.Tensor]) -> tuple:
-    arrays = [_jax_input(t) for t in tensors]
+    arrays = [_jax_input(t, fn.views) for t in tensors]
     if any(diff):
         prim, aux, res = fn.fwd_vjp(diff, *arrays)
     else:
@@ -429,7 +442,8 @@ def _call_backward(ctx: Any, grads: Sequence[torch.Tensor | None]) -> tuple:
         gin = _run(ctx.fn.recompute_vjp(ctx.diff), [*ctx.saved_tensors, *cts])
     else:
         ctx.saved_tensors  # noqa: B018 -- raises if an input was modified in place
-        gin = _torch_outputs(_apply_vjp(ctx.res.res, ctx.res.inputs, [_jax_input(c) for c in cts]))
+        cts = [_jax_input(c) for c in cts]
+        gin = _torch_outputs(ctx.fn.apply_vjp(ctx.res.res, ctx.res.inputs, cts))
     it = iter(gin)
     return (None, None, *[next(it) if d else None for d in ctx.diff])
 
@@ -483,12 +497,23 @@ class _JaxCall(torch.autograd.Function):
 # torch.compile / torch.export: a custom op with a fake implementation
 
 
+def _registered(key: int) -> _JaxFn:
+    jfn = _FNS.get(key)
+    if jfn is None:
+        raise RuntimeError(
+            f"bridge::jax_call: JAX function #{key} no longer exists: the module or function "
+            "that bridge.jax_to_torch made was deleted, and a compiled or exported graph still "
+            "calls it. Keep the module alive as long as graphs that call it run."
+        )
+    return jfn
+
+
 @torch.library.custom_op("bridge::jax_call", mutates_args=())
 def _jax_call_op(inputs: list[torch.Tensor], fn: int, diff: list[bool]) -> list[torch.Tensor]:
     """Run registered JAX function `fn`; with any `diff`, also return its VJP residuals."""
-    jfn = _FNS[fn]
+    jfn = _registered(fn)
     target = jfn.with_residuals(tuple(diff)) if any(diff) else jfn
-    prim, aux = target.plain(*[_jax_input(t) for t in inputs])
+    prim, aux = target.plain(*[_jax_input(t, jfn.views) for t in inputs])
     outs = _torch_outputs([*prim, *aux])
     # A custom op's outputs must not alias its inputs.
     ptrs = {t.data_ptr() for t in inputs if t.numel()}
@@ -497,7 +522,7 @@ def _jax_call_op(inputs: list[torch.Tensor], fn: int, diff: list[bool]) -> list[
 
 @_jax_call_op.register_fake
 def _jax_call_fake(inputs: list[torch.Tensor], fn: int, diff: list[bool]) -> list[torch.Tensor]:
-    jfn = _FNS[fn]
+    jfn = _registered(fn)
     target = jfn.with_residuals(tuple(diff)) if any(diff) else jfn
     avals = [jax.ShapeDtypeStruct(s, d) for s, d in _signature(inputs)]
     prim, aux = jax.eval_shape(target.traced, *avals)
@@ -510,7 +535,7 @@ def _jax_call_fake(inputs: list[torch.Tensor], fn: int, diff: list[bool]) -> lis
 
 def _op_setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
     tensors, key, diff = inputs
-    jfn = _FNS[key]
+    jfn = _registered(key)
     n_out = jfn.n_primary + jfn.n_aux
     ctx.key, ctx.diff, ctx.n_in = key, tuple(diff), len(tensors)
     ctx.sig = _signature(tensors)
@@ -526,7 +551,7 @@ def _op_setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> No
 
 
 def _op_backward(ctx: Any, grads: list[torch.Tensor | None]) -> tuple:
-    jfn = _FNS[ctx.key]
+    jfn = _registered(ctx.key)
     saved = ctx.saved_tensors
     tensors, residuals = list(saved[: ctx.n_in]), list(saved[ctx.n_in :])
     cts = [g for g, d in zip(grads, ctx.out_diff, strict=True) if d]
@@ -578,7 +603,7 @@ def _run(fn: _JaxFn, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(outs[: fn.n_primary + fn.n_aux])
     transformed = torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
     if not grad and not transformed:
-        prim, aux = fn.plain(*[_jax_input(t) for t in tensors])
+        prim, aux = fn.plain(*[_jax_input(t, fn.views) for t in tensors])
         return _torch_outputs([*prim, *aux])
     call = _JaxCall if transformed else _JaxCallEager
     return list(call.apply(fn, diff, *tensors)[:-1])
@@ -671,6 +696,7 @@ class _Spec:
         self.train, self.rng = train, rng
         self.rng_impl = jax.random.key_impl(jax.random.key(0)) if rng else None
         self._fns: dict[tuple, _JaxFn] = {}
+        self.views: _Views = {}
 
     def __eq__(self, other: object) -> bool:
         return self is other
@@ -728,6 +754,7 @@ class _Spec:
             return [_encode(x) for x in leaves], [*[_encode(x) for x in new_state], *new_key]
 
         jfn = _JaxFn(flat, self.name, self.remat_policy)
+        jfn.views = self.views
         return jfn
 
 
@@ -846,19 +873,19 @@ class JaxModule(_Params):
             if id(leaf) not in made:
                 t, a = _tensor_leaf(leaf, where)
                 p = nn.Parameter(t, requires_grad=t.is_floating_point() or t.is_complex())
-                _remember_view(p, to_jax(p) if a is None else a)
+                _remember_view(spec.views, p, to_jax(p) if a is None else a)
                 made[id(leaf)] = p
             self._param_slots.append(self._register(parts, made[id(leaf)], "_parameters"))
         leaves = jax.tree_util.tree_flatten_with_path(state)[0] if state is not None else []
         for path, leaf in leaves:
             parts = name_of(path)
             t, a = _tensor_leaf(leaf, ".".join(parts) or "the root of state")
-            _remember_view(t, to_jax(t) if a is None else a)
+            _remember_view(spec.views, t, to_jax(t) if a is None else a)
             self._buffer_slots.append(self._register(parts, t, "_buffers"))
         if spec.rng is not None:
             key = jax.random.key_data(jax.random.key(seed or 0, impl=spec.rng_impl))
             t = to_torch(key)
-            _remember_view(t, key)
+            _remember_view(spec.views, t, key)
             self._buffer_slots.append(self._register(["rng_key"], t, "_buffers"))
 
     def _register(self, parts: list[str], t: torch.Tensor, kind: str) -> tuple[nn.Module, str]:

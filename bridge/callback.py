@@ -762,7 +762,11 @@ class _SaveFwd(_Kernel):
             ptr = _storage_ptr(x)
             if ptr:
                 by_storage[ptr] = i
-        graph_ref: list[_Graph] = []
+        # A weak reference: the saved-tensor hooks live inside the autograd
+        # graph, which the _Graph holds; a strong one would close a cycle through
+        # C++ that Python's collector cannot see, and the graph (inputs, saved
+        # activations) would never be freed.
+        graph_ref: list[weakref.ref[_Graph]] = []
 
         def pack(t: torch.Tensor) -> Any:
             i = by_storage.get(_storage_ptr(t))
@@ -775,7 +779,13 @@ class _SaveFwd(_Kernel):
 
         def unpack(p: Any) -> torch.Tensor:
             if isinstance(p, _InputView):
-                return p.rebuild(graph_ref[0].bwd_inputs)
+                graph = graph_ref[0]()
+                if graph is None or graph.bwd_inputs is None:
+                    raise CallbackError(
+                        "bridge.callback: a saved torch autograd graph was used after its "
+                        "backward call ended; this is a bug in the bridge, please report it."
+                    )
+                return p.rebuild(graph.bwd_inputs)
             return p
 
         leaves = [xs[i].detach().requires_grad_(True) for i in self.diff]
@@ -783,7 +793,7 @@ class _SaveFwd(_Kernel):
             outs = self.base.run(*_splice(xs, self.diff, leaves))
         saved = [outs[j] if outs[j].requires_grad else None for j in self.out_diff]
         graph = _Graph(leaves, saved)
-        graph_ref.append(graph)
+        graph_ref.append(weakref.ref(graph))
         token = _GRAPHS.put(graph)
         return [*(o.detach() for o in outs), _token_tensor(token, xs)]
 
@@ -1276,6 +1286,30 @@ else:
     ad.primitive_linearizations[torch_call_p] = functools.partial(_linearize_rule, True)
 batching.primitive_batchers[torch_call_p] = _batch_rule
 pe.dce_rules[torch_call_p] = _dce_rule
+
+
+def _weak_cache_keys() -> None:
+    """Let JAX's caches hold kernels weakly.
+
+    JAX memoises abstract evaluation per primitive and parameters; a kernel
+    parameter holds the user's torch function (a module, its weights), so a
+    strong cache entry would keep it alive for the life of the process. JAX
+    keys jaxprs weakly; kernels are keyed the same way, so an entry goes when
+    its wrapped function and every jaxpr using it are gone.
+    """
+    from jax._src import util as jax_util
+
+    weak_types = getattr(jax_util, "weakref_cache_key_types", None)
+    if weak_types is None:  # older jax: no such cache
+        return
+    stack = [_Kernel]
+    while stack:
+        cls = stack.pop()
+        weak_types.add(cls)
+        stack.extend(cls.__subclasses__())
+
+
+_weak_cache_keys()
 
 
 # --------------------------------------------------------------------------
