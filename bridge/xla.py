@@ -29,8 +29,10 @@ jax 0.7.1, and jax 0.10 without torch_xla) is in the "Compatibility" section.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -138,40 +140,32 @@ class _Capsule:
         return (1, 0)  # kDLCPU: torch_xla exports only its CPU device
 
 
-_COMPUTATIONS: dict[Any, Callable] = {}
-
-
-def _call_jax(fn: Callable, tensors: tuple, key: Any) -> list[torch.Tensor]:
-    """Run `fn` (flat arrays -> flat list of arrays) on XLA tensors inside the lazy graph.
+def _computation(fn: Callable, tensors: tuple, name: str) -> Callable:
+    """`fn` (flat arrays -> flat list of arrays) as a torch_xla user computation.
 
     This is `torch_xla.core.xla_builder.call_jax` minus its torchax dependency
     (torchax 0.0.13 imports flax at import time, which the torch_xla
     environment does not have): `fn` is lowered with `jax.jit` to an HLO
-    module, which torch_xla adds to its graph as a user computation. `key`
-    names one input signature; its computation is built once.
+    module, which torch_xla adds to its graph as a user computation. The
+    result runs XLA tensors of `tensors`' signature inside the lazy graph; it
+    holds the HLO, not `fn`.
     """
     torch_xla = _require()
-    run = _COMPUTATIONS.get(key)
-    if run is None:
-        from bridge import dtypes
+    from bridge import dtypes
 
-        # torch_xla must own the devices before JAX initialises (it would
-        # otherwise lock the TPU), as torch_xla's own jax_import_guard does.
-        torch_xla._XLAC._init_computation_client()
-        avals = [
-            jax.ShapeDtypeStruct(tuple(t.shape), dtypes.to_jax_dtype(t.dtype)) for t in tensors
-        ]
-        with _gspmd_lowering():
-            lowered = jax.jit(lambda *xs: tuple(fn(*xs)), keep_unused=True).lower(*avals)
-        proto = lowered.compiler_ir("hlo").as_serialized_hlo_module_proto()
-        name = f"xla::bridge_{key[0].rsplit('.', 1)[-1]}_{key[1]}"
-        computation = torch_xla._XLAC._xla_op_computation_from_module_proto(name, proto)
+    # torch_xla must own the devices before JAX initialises (it would
+    # otherwise lock the TPU), as torch_xla's own jax_import_guard does.
+    torch_xla._XLAC._init_computation_client()
+    avals = [jax.ShapeDtypeStruct(tuple(t.shape), dtypes.to_jax_dtype(t.dtype)) for t in tensors]
+    with _gspmd_lowering():
+        lowered = jax.jit(lambda *xs: tuple(fn(*xs)), keep_unused=True).lower(*avals)
+    proto = lowered.compiler_ir("hlo").as_serialized_hlo_module_proto()
+    computation = torch_xla._XLAC._xla_op_computation_from_module_proto(name, proto)
 
-        def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            return torch_xla._XLAC._xla_user_computation(name, inputs, computation)
+    def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return list(torch_xla._XLAC._xla_user_computation(name, inputs, computation))
 
-        _COMPUTATIONS[key] = run
-    return list(run(list(tensors)))
+    return run
 
 
 def _gspmd_lowering() -> Any:
@@ -313,26 +307,42 @@ class _Entry:
     """One (function, argument signature, differentiability) of `xla_call`.
 
     Holds what tracing learns and torch needs afterwards: the output
-    structure and the structure of the VJP's residuals. Tracing happens once
-    per entry (call_jax caches the compiled HLO under `key`).
+    structure and the structure of the VJP's residuals, and the forward and
+    backward computations (traced and lowered once per entry). An entry lives
+    in the cache of its function (`_entries_of`) and refers to the function
+    only weakly, so nothing here keeps a dropped function alive.
     """
 
-    def __init__(self, fn: Callable, statics: tuple, treedef: Any, diff: tuple[bool, ...]) -> None:
-        self.fn = fn
+    def __init__(
+        self, fn: Callable[[], Callable | None], statics: tuple, treedef: Any, diff: tuple
+    ) -> None:
+        self.fn = fn  # () -> the function, or None once it was freed
         self.statics = statics
         self.treedef = treedef
         self.diff = diff
-        self.fwd_key = ("bridge.xla.fwd", next(_keys))
-        self.bwd_key = ("bridge.xla.bwd", next(_keys))
+        n = next(_keys)
+        self._names = (f"xla::bridge_fwd_{n}", f"xla::bridge_bwd_{n}")
+        self._runs: list[Callable | None] = [None, None]
         self.out_def: Any = None
         self.out_inexact: tuple[bool, ...] = ()
         self.vjp_def: Any = None
 
     def call(self, arrays: tuple) -> Any:
+        fn = self.fn()
+        if fn is None:  # pragma: no cover - the caller holds fn while it traces
+            raise RuntimeError("bridge.xla.xla_call: the JAX function was deleted while in use.")
         it = iter(arrays)
         leaves = [next(it) if s is _TENSOR else s for s in self.statics]
         args, kwargs = jax.tree_util.tree_unflatten(self.treedef, leaves)
-        return self.fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    def run(self, which: int, tensors: tuple) -> list[torch.Tensor]:
+        """Run the forward (`which=0`: `plain` or `forward`) or the `backward` (1)."""
+        run = self._runs[which]
+        if run is None:
+            traced = self.backward if which else self.forward if any(self.diff) else self.plain
+            run = self._runs[which] = _computation(traced, tensors, self._names[which])
+        return run(list(tensors))
 
     def record_outputs(self, out: Any) -> list[Any]:
         leaves, out_def = jax.tree_util.tree_flatten(out)
@@ -370,13 +380,42 @@ class _Entry:
 
 
 _TENSOR = object()  # marks a tensor slot in a signature
-_ENTRIES: dict[tuple, _Entry] = {}
+
+# function (or a bound method's object) -> {signature: _Entry}. Weak keys, and
+# entries hold the function weakly: the cache dies with the function.
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _entry(fn: Callable, treedef: Any, statics: tuple, tensors: list, diff: tuple) -> _Entry:
+    """The cached entry of `fn` for this signature (a fresh one if `fn` cannot be cached)."""
+    if inspect.ismethod(fn):  # `module.method` is a new object at every access
+        owner, func, ref = fn.__self__, fn.__func__, weakref.WeakMethod(fn)
+    else:
+        owner, func = fn, None
+        try:
+            ref = weakref.ref(fn)
+        except TypeError:
+            ref = None
+    try:
+        table = None if ref is None else _CACHES.get(owner)
+        if table is None and ref is not None:
+            table = _CACHES[owner] = {}
+    except TypeError:  # unhashable, or no weak references
+        table = None
+    if table is None:
+        # Not weakly referable: traced on every call rather than kept forever.
+        return _Entry(lambda: fn, statics, treedef, diff)
+    sig = (func, treedef, statics, tuple((t.shape, t.dtype) for t in tensors), diff)
+    entry = table.get(sig)
+    if entry is None:
+        entry = table[sig] = _Entry(ref, statics, treedef, diff)
+    return entry
 
 
 class _XlaJaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, entry: _Entry, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        flat = _call_jax(entry.forward, tensors, entry.fwd_key)
+        flat = entry.run(0, tensors)
         n_out = len(entry.out_inexact)
         outs, residuals = flat[:n_out], flat[n_out:]
         ctx.entry = entry
@@ -398,7 +437,7 @@ class _XlaJaxFunction(torch.autograd.Function):
             )
             if f
         ]
-        in_grads = iter(_call_jax(entry.backward, (*ctx.saved_tensors, *cts), entry.bwd_key))
+        in_grads = iter(entry.run(1, (*ctx.saved_tensors, *cts)))
         return (None, *[next(in_grads) if d else None for d in entry.diff])
 
 
@@ -415,7 +454,9 @@ def xla_call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
     Args:
         fn: a pure, `jax.jit`-traceable function of JAX arrays; keep the same
-            function object across calls so its compilation is cached.
+            function object across calls so its compilation is cached. The
+            cache belongs to `fn` (held weakly, dropped with it); a callable
+            that takes no weak references is traced again on every call.
         *args, **kwargs: a pytree of XLA-device tensors (they become JAX
             arrays) and hashable Python values (passed to `fn` as constants).
 
@@ -459,12 +500,9 @@ def xla_call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     diff = tuple(
         grad and t.requires_grad and (t.is_floating_point() or t.is_complex()) for t in tensors
     )
-    sig = (fn, treedef, tuple(statics), tuple((t.shape, t.dtype) for t in tensors), diff)
-    entry = _ENTRIES.get(sig)
-    if entry is None:
-        entry = _ENTRIES[sig] = _Entry(fn, tuple(statics), treedef, diff)
+    entry = _entry(fn, treedef, tuple(statics), tensors, diff)
     if any(diff):
         outs = _XlaJaxFunction.apply(entry, *tensors)
     else:
-        outs = _call_jax(entry.plain, tuple(tensors), entry.fwd_key)
+        outs = entry.run(0, tuple(tensors))
     return jax.tree_util.tree_unflatten(entry.out_def, list(outs))

@@ -171,6 +171,59 @@ def test_xla_call_rejects_cpu_tensors_and_unhashable_args(device):
         xla.xla_call(lambda x, s: x, torch.ones(2, device=device), np.ones(2))
 
 
+class _Scale:
+    """Something a JAX function closes over; the tests watch whether it is freed."""
+
+    factor = 3.0
+
+    def method(self, x):
+        return jnp.sin(x) * self.factor
+
+
+def _closing_over(payload):
+    def fn(x):
+        return jnp.sin(x) * payload.factor
+
+    return fn
+
+
+def test_xla_call_cache_is_reused_and_dies_with_the_function(device):
+    import gc
+    import weakref
+
+    payload = _Scale()
+    ref = weakref.ref(payload)
+    fn = _closing_over(payload)
+    del payload
+    x = torch.linspace(0.0, 1.0, 4).to(device).requires_grad_()
+    for _ in range(2):  # the second call reuses the first one's entry
+        out = xla.xla_call(fn, x)
+        out.sum().backward()
+    assert len(xla._CACHES[fn]) == 1
+    xc = torch.linspace(0.0, 1.0, 4)
+    torch.testing.assert_close(out.detach().cpu(), torch.sin(xc) * 3.0)
+    torch.testing.assert_close(x.grad.cpu(), 2 * 3.0 * torch.cos(xc))
+    del fn, out
+    gc.collect()
+    assert ref() is None, "xla_call's cache kept the dropped function alive"
+
+
+def test_xla_call_bound_method_is_cached_per_object_and_freed(device):
+    import gc
+    import weakref
+
+    obj = _Scale()
+    ref = weakref.ref(obj)
+    x = torch.ones(3, device=device)
+    for _ in range(2):  # `obj.method` is a new object each time; one entry
+        out = xla.xla_call(obj.method, x)
+    assert len(xla._CACHES[obj]) == 1
+    torch.testing.assert_close(out.cpu(), torch.sin(torch.ones(3)) * 3.0)
+    del obj
+    gc.collect()
+    assert ref() is None
+
+
 class _Net(torch.nn.Module):
     """Linear -> JAX block (through `block`) -> Linear."""
 
