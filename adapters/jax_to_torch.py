@@ -621,8 +621,10 @@ def _split_args(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], tuple]:
     tensors: list[torch.Tensor] = []
     statics: list[Any] = []
     for i, leaf in enumerate(leaves):
-        if isinstance(leaf, (jax.Array, np.ndarray)):
+        if isinstance(leaf, jax.Array):
             leaf = to_torch(leaf)
+        elif isinstance(leaf, np.ndarray):
+            leaf = _numpy_input(leaf, i)
         if isinstance(leaf, torch.Tensor):
             tensors.append(leaf)
             statics.append(_TENSOR)
@@ -638,6 +640,23 @@ def _split_args(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], tuple]:
             ) from None
         statics.append((type(leaf), leaf))  # the type keeps 1, 1.0 and True apart
     return tensors, (treedef, tuple(statics))
+
+
+def _numpy_input(a: np.ndarray, i: int) -> torch.Tensor:
+    """A NumPy argument as a tensor: shares its memory when torch can view it, else one copy."""
+    try:
+        dtypes.to_jax_dtype(torch.from_numpy(np.empty(0, a.dtype)).dtype)
+    except TypeError:
+        raise TypeError(
+            f"jax_to_torch: argument leaf #{i} is a NumPy array of dtype {a.dtype}, which "
+            "neither torch nor JAX holds as a tensor. Convert it to a numeric dtype first."
+        ) from None
+    if not a.flags.writeable:  # torch warns on read-only memory; it only reads it here
+        a = a.copy()
+    try:
+        return torch.from_numpy(a)
+    except ValueError:  # negative strides: torch cannot view them
+        return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _fill(sig: tuple, arrays: Sequence[Any]) -> tuple[tuple, dict]:

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import inspect
 import itertools
+import re
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -186,6 +187,7 @@ class _Call(_Kernel):
         # fn(*tensors) needs no pytree rebuilding: the common, fast case.
         self.positional = in_tree == jax.tree_util.tree_structure(((0,) * self.n_in, {}))
         self._infos: dict[tuple, _OutInfo] = {}
+        self._grad_checked: set[tuple] = set()
         self.save_graphs = True  # turned off if torch refuses saved-tensor hooks
 
     def __repr__(self) -> str:
@@ -255,6 +257,45 @@ class _Call(_Kernel):
             static_leaves=tuple(None if isinstance(x, torch.Tensor) else x for x in leaves),
             is_tensor=tuple(isinstance(x, torch.Tensor) for x in leaves),
         )
+
+    def check_differentiable(
+        self, in_avals: Sequence[core.ShapedArray], diff: tuple[int, ...], out_diff: tuple[int, ...]
+    ) -> None:
+        """Raise `CallbackError` now (at trace time) if torch cannot take this
+        gradient because an op has no autograd formula.
+
+        Under `jax.jit` the backward runs inside XLA, where a torch error
+        surfaces as an opaque `JaxRuntimeError: INTERNAL`; a forward and
+        backward on fake tensors (no compute) finds the missing formula first.
+        Other failures are left to the real run, which reports them.
+        """
+        key = (tuple((a.shape, a.dtype) for a in in_avals), diff, out_diff)
+        if key in self._grad_checked:
+            return
+        device = _torch_device()
+        specs = [(a.shape, dtypes.to_torch_dtype(a.dtype)) for a in in_avals]
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
+                xs = [torch.zeros(s, dtype=d, device=device) for s, d in specs]
+                for i in diff:
+                    xs[i].requires_grad_(True)
+                outs = self.run(*xs)
+                pairs = [(outs[j], torch.ones_like(outs[j])) for j in out_diff]
+                pairs = [(o, c) for o, c in pairs if o.requires_grad]
+                if pairs:
+                    torch.autograd.grad(
+                        [o for o, _ in pairs],
+                        [xs[i] for i in diff],
+                        [c for _, c in pairs],
+                        allow_unused=True,
+                    )
+        except RuntimeError as e:
+            error = _no_formula_error(self, e)
+            if error is not None:
+                raise error from e
+        except Exception:  # noqa: BLE001 -- a fake run it cannot follow: checked at run time
+            pass
+        self._grad_checked.add(key)
 
     def save_fwd(self, diff: tuple[int, ...], out_diff: tuple[int, ...]) -> _SaveFwd:
         return self._memo(("save", diff, out_diff), lambda: _SaveFwd(self, diff, out_diff))
@@ -334,7 +375,9 @@ class _Vjp(_Kernel):
 
     def run(self, *args: torch.Tensor) -> list[torch.Tensor]:
         xs, cts = args[: self.base.n_in], args[self.base.n_in :]
-        return _torch_vjp(self.base, self.diff, self.out_diff, xs, cts, batched=False)
+        return _converting_no_formula(
+            self.base, lambda: _torch_vjp(self.base, self.diff, self.out_diff, xs, cts, False)
+        )
 
     def out_avals(self, in_avals):
         return tuple(in_avals[i] for i in self.diff)
@@ -394,6 +437,36 @@ def _tracking(f):
         return outs
 
     return g, tracked
+
+
+_NO_FORMULA = re.compile(r"backward through (\S+) but no autograd formula")
+
+
+def _no_formula_error(base: Any, e: BaseException) -> CallbackError | None:
+    """A clear error for torch's "no autograd formula" failure, or None for others."""
+    match = _NO_FORMULA.search(str(e))
+    if match is None:
+        return None
+    op = match.group(1)
+    parts = op.split(".")
+    name = f"{parts[0]}::{parts[1]}" if len(parts) >= 2 else op
+    return CallbackError(
+        f"cannot differentiate {base!r}: it calls the torch op {op}, which has no autograd "
+        f"formula, so torch cannot give jax.grad / jax.vjp its gradient. Register one with "
+        f"`torch.library.register_autograd({name!r}, backward, setup_context=...)`, or keep "
+        "the gradient out of the call: `jax.lax.stop_gradient` on its inputs, or differentiate "
+        "only with respect to arguments it does not depend on."
+    )
+
+
+def _converting_no_formula(base: Any, run: Callable[[], Any]) -> Any:
+    try:
+        return run()
+    except RuntimeError as e:
+        error = _no_formula_error(base, e)
+        if error is None:
+            raise
+        raise error from e
 
 
 def _func_refused(e: RuntimeError) -> bool:
@@ -866,8 +939,11 @@ class _SavedVjp(_Kernel):
         xs, token, cts = args[:n], int(args[n]), args[n + 1 :]
         graph = _GRAPHS.take(token) if token != _NO_GRAPH else None
         if graph is not None:
-            return graph.backward(xs, cts, self.batched)
-        return _torch_vjp(self.base, self.diff, self.out_diff, xs, cts, self.batched)
+            return _converting_no_formula(self.base, lambda: graph.backward(xs, cts, self.batched))
+        return _converting_no_formula(
+            self.base,
+            lambda: _torch_vjp(self.base, self.diff, self.out_diff, xs, cts, self.batched),
+        )
 
     def out_avals(self, in_avals):
         n = self.base.n_in
@@ -984,15 +1060,13 @@ def _narrows(src: torch.dtype, dst: torch.dtype) -> bool:
 
 
 def _check_fits(t: torch.Tensor, dst: torch.dtype) -> None:
-    if t.numel():
-        info = torch.iinfo(dst)
-        lo, hi = t.min().item(), t.max().item()
-        if lo < info.min or hi > info.max:
-            raise dlpack.X64Error(
-                f"a torch output of dtype {t.dtype} holds values in [{lo}, {hi}], outside the "
-                f"range of {dst}, and JAX's x64 mode is off, so JAX cannot hold them. Enable "
-                "64-bit JAX with `jax.config.update('jax_enable_x64', True)`."
-            )
+    bad = dlpack.values_outside(t, t.to(dst))
+    if bad is not None:
+        raise dlpack.X64Error(
+            f"a torch output of dtype {t.dtype} holds {bad}, outside the range of {dst}, and "
+            "JAX's x64 mode is off, so JAX cannot hold them. Enable 64-bit JAX with "
+            "`jax.config.update('jax_enable_x64', True)`."
+        )
 
 
 def _write(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -1174,7 +1248,7 @@ def _jvp_rule(primals: Sequence[Any], tangents: Sequence[Any], *, kernel: _Kerne
 
 def _linearize_rule(is_vjp: bool, nonzeros: Sequence[bool], *primals: Any, kernel: _Kernel):
     """Reverse mode: run the forward once under torch autograd, keep its graph."""
-    if is_vjp and isinstance(kernel, _Call) and kernel.save_graphs:
+    if is_vjp and isinstance(kernel, _Call):
         in_avals = [_aval(p) for p in primals]
         diff = tuple(
             i
@@ -1184,6 +1258,8 @@ def _linearize_rule(is_vjp: bool, nonzeros: Sequence[bool], *primals: Any, kerne
         out_avals = kernel.out_avals(in_avals)
         out_diff = tuple(j for j, a in enumerate(out_avals) if _is_inexact(a.dtype))
         if diff and out_diff:
+            kernel.check_differentiable(in_avals, diff, out_diff)
+        if diff and out_diff and kernel.save_graphs:
             *outs, token = torch_call_p.bind(*primals, kernel=kernel.save_fwd(diff, out_diff))
             lin = _SavedJvp.of(kernel, diff, out_diff)
 
@@ -1418,6 +1494,11 @@ def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         >>> jfn = bridge.callback.wrap(lambda x, n: torch.linalg.matrix_power(x, n))
         >>> jax.jit(jfn, static_argnums=1)(jnp.eye(3), 2)
     """
+    if not callable(fn):
+        raise TypeError(
+            f"bridge.callback.wrap expects a torch function (a callable such as a function or "
+            f"an nn.Module); got {fn!r:.80} of type {type(fn).__name__}."
+        )
     key = _wrap_key(fn)
     wrapped = _WRAPPED.get(key)
     if wrapped is None:

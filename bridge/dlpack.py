@@ -214,6 +214,16 @@ def _map_tree(
         if isinstance(x, dict):
             items = {k: rec(v) for k, v in x.items()}
             return items if type(x) is dict else type(x)(items)
+        if isinstance(x, (set, frozenset)):
+            if any(rec(v) is not v for v in x):
+                what = "JAX array" if registry == "torch" else "torch tensor"
+                name = "to_torch" if registry == "torch" else "to_jax"
+                raise TypeError(
+                    f"{name} got a {type(x).__name__} holding a {what}; a set has no order, "
+                    "so it cannot be a pytree and its leaves cannot be matched up after "
+                    "conversion. Use a list or a tuple (or a dict keyed by name)."
+                )
+            return x
         if registry == "jax" and type(x) in torch_pytree.SUPPORTED_NODES:
             children, context = torch_pytree.SUPPORTED_NODES[type(x)].flatten_fn(x)
             return TorchNode(type(x), context, [rec(c) for c in children])
@@ -390,15 +400,31 @@ def _narrow_x64(t: torch.Tensor, copy: bool | None) -> torch.Tensor:
             f"to_jax(copy=False) got a {t.dtype} tensor, but JAX's x64 mode is off, so it "
             f"can only be held as {narrow} by a copy. {fix}, or allow the copy."
         )
-    if t.numel():
-        info = torch.iinfo(narrow)
-        lo, hi = t.min().item(), t.max().item()
-        if lo < info.min or hi > info.max:
-            raise X64Error(
-                f"to_jax got a {t.dtype} tensor with values in [{lo}, {hi}], outside the range "
-                f"of {narrow}, and JAX's x64 mode is off, so JAX would corrupt them. {fix}."
-            )
-    return t.to(narrow)
+    out = t.to(narrow)
+    bad = values_outside(t, out)
+    if bad is not None:
+        raise X64Error(
+            f"to_jax got a {t.dtype} tensor with {bad}, outside the range of {narrow}, and "
+            f"JAX's x64 mode is off, so JAX would corrupt them. {fix}."
+        )
+    return out
+
+
+def values_outside(t: torch.Tensor, narrowed: torch.Tensor) -> str | None:
+    """Describe the values of 64-bit integer `t` that `narrowed` (its 32-bit cast) lost.
+
+    Returns None when the cast is exact. Compares by round trip, since torch
+    has no min/max/comparison kernels for uint64.
+    """
+    if not t.numel():
+        return None
+    lost = narrowed.to(t.dtype) != t
+    if not bool(lost.any()):
+        return None
+    if t.dtype == torch.int64:
+        return f"values in [{t.min().item()}, {t.max().item()}]"
+    n = int(lost.sum())
+    return f"{n} value{'s' if n > 1 else ''} such as {t[lost][0].item()}"
 
 
 def _tensor_to_jax(t: torch.Tensor, copy: bool | None) -> jax.Array:

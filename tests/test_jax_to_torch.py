@@ -744,3 +744,21 @@ def test_docs_example_runs():
     model = namespace["model"]
     assert isinstance(model, torch.nn.Module)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_graph_calling_a_freed_module_raises_naming_the_cause():
+    # The op's function registry is weak: it does not keep a dropped module's
+    # JAX function alive, and a graph that still calls it gets a clear error.
+    import gc
+
+    module = bridge.jax_to_torch(lambda p, x: x * p["w"], {"w": jnp.full(2, 3.0)})
+    x = torch.ones(2)
+    assert module(x).tolist() == [3.0, 3.0]
+    (key_fn,) = module._spec._fns.values()
+    w = module.w.detach()
+    assert torch.ops.bridge.jax_call([w, x], key_fn.key, [False, False])[0].tolist() == [3.0, 3.0]
+    key = key_fn.key
+    del module, key_fn
+    gc.collect()
+    with pytest.raises(RuntimeError, match=r"no longer exists.*Keep the module alive"):
+        torch.ops.bridge.jax_call([w, x], key, [False, False])
