@@ -29,9 +29,11 @@ arrays as immutable, so an in-place torch write (`t.add_(1)`) to a tensor that
 shares memory with a JAX array changes that array, and a torch write to a
 tensor after `to_jax` changes the JAX array made from it. Use `copy=True` for
 tensors you will write into, or run the code under `checked_writes()`, which
-records every buffer the bridge shares and raises `AliasingError` naming the
-tensors written in place when the block ends (torch's version counter makes
-this exact and costs nothing per operation).
+records every buffer the bridge shares inside the block (and the trees passed
+to it) and raises `AliasingError` naming those written when the block ends:
+torch's version counter catches in-place ops, and a fingerprint of the bytes
+(CPU memory) catches writes the counter misses (`.data`, fused optimizers).
+Its docstring lists exactly what is and is not caught.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import sys
 import weakref
 from collections.abc import Callable, Iterator
@@ -193,8 +196,10 @@ def _map_tree(
             return leaf(x)
         if isinstance(x, TorchNode):
             children = [rec(c) for c in x.children]
-            return x.to_torch_object(children) if registry == "torch" else TorchNode(
-                x.node_type, x.context, children
+            return (
+                x.to_torch_object(children)
+                if registry == "torch"
+                else TorchNode(x.node_type, x.context, children)
             )
         if x is None or isinstance(x, (bool, int, float, complex, str, bytes)):
             return x
@@ -240,19 +245,57 @@ def _map_tree(
 # Aliasing checks
 
 
+def _fingerprint(x: torch.Tensor | jax.Array) -> bytes | None:
+    """A digest of the memory behind `x`, or None where it cannot be read cheaply.
+
+    CPU tensors and arrays are hashed in place (BLAKE2b over their raw bytes,
+    no copy for the dense layouts the bridge shares). Memory on other devices
+    is not fingerprinted: reading it would mean a device-to-host copy.
+    """
+    if isinstance(x, jax.Array):
+        if len(x.sharding.device_set) != 1 or next(iter(x.devices())).platform != "cpu":
+            return None
+        if x.is_deleted():
+            return None
+        try:
+            x = torch.from_dlpack(x)  # the array's own memory, not a cached host copy
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            return None
+    if x.device.type != "cpu" or x.layout != torch.strided or x.is_quantized:
+        return None
+    t = x.detach()
+    if t.numel() == 0:
+        return b""
+    if t.is_conj() or t.is_neg() or not _is_dense(t):
+        t = t.resolve_conj().resolve_neg().contiguous()  # a copy, still read from the memory
+    else:  # a permuted dense layout covers numel elements from its storage offset
+        t = t.as_strided((t.numel(),), (1,), t.storage_offset())
+    raw = t.view(torch.uint8).numpy()
+    return hashlib.blake2b(raw.data, digest_size=16).digest()
+
+
 class _WriteLog:
     def __init__(self) -> None:
-        self.entries: list[tuple[weakref.ref, int, str]] = []
+        # (weak reference, version counter or None, fingerprint or None, description)
+        self.entries: list[tuple[weakref.ref, int | None, bytes | None, str]] = []
 
-    def record(self, tensor: torch.Tensor, what: str) -> None:
-        self.entries.append((weakref.ref(tensor), tensor._version, what))
+    def record(self, x: torch.Tensor | jax.Array, what: str) -> None:
+        version = x._version if isinstance(x, torch.Tensor) else None
+        self.entries.append((weakref.ref(x), version, _fingerprint(x), what))
 
     def written(self) -> list[str]:
         out = []
-        for ref, version, what in self.entries:
-            t = ref()
-            if t is not None and t._version != version:
+        for ref, version, fingerprint, what in self.entries:
+            x = ref()
+            if x is None:
+                continue
+            if version is not None and x._version != version:
                 out.append(what)
+            elif fingerprint is not None and _fingerprint(x) != fingerprint:
+                out.append(
+                    what + " (changed without torch's version counter moving: a write "
+                    "through `.data`, a fused kernel or another alias)"
+                )
         return out
 
 
@@ -260,21 +303,51 @@ _write_logs: list[_WriteLog] = []
 
 
 @contextlib.contextmanager
-def checked_writes() -> Iterator[None]:
-    """Raise `AliasingError` if a buffer shared inside the block is written.
+def checked_writes(*watch: Any) -> Iterator[None]:
+    """Raise `AliasingError` if memory shared between torch and JAX is written.
 
-    Every tensor that `to_jax` reads or `to_torch` creates without a copy
-    inside the block is recorded with torch's version counter; at the end of
-    the block, any of them that was modified in place (directly or through a
-    view) is reported by shape and dtype.
+    What is watched: every tensor that `to_jax` shares or `to_torch` creates
+    without a copy inside the block, and every tensor and JAX array in the
+    pytrees `watch` (pass buffers shared before the block, such as
+    `torch_to_jax`'s params or a `jax_to_torch` module's parameters, here).
+
+    What is caught, at the end of the block: an in-place torch write to a
+    watched tensor or any view of it (torch's version counter), and, for
+    memory on the CPU, any change of its bytes at all (a BLAKE2b fingerprint
+    taken when the buffer is recorded and compared at the end): writes
+    through `.data`, fused optimizer kernels (`torch.optim.Adam(fused=True)`),
+    and writes into a watched JAX array's memory through another alias.
+
+    What is not caught: buffers shared before the block and not passed in
+    `watch`; a tensor (or array) freed before the block ends; writes through
+    `.data` or fused kernels into memory on other devices (GPU memory is not
+    fingerprinted, as that would mean a copy to the host; the version
+    counter still covers ordinary in-place ops there); a write that
+    restores the bytes it found. torch_xla tensors are functional and never
+    share writes (see `bridge.xla`). The fingerprint reads each watched CPU
+    buffer twice; use the block to debug, not on every training step.
 
     Example:
         >>> with bridge.checked_writes():
         ...     t = bridge.to_torch(jnp.zeros(3))
         ...     t.add_(1)   # writes into a JAX array
         AliasingError: ...
+        >>> apply, params = bridge.torch_to_jax(model)
+        >>> with bridge.checked_writes(params):
+        ...     optimizer.step()   # updates model's parameters, which params share
+        AliasingError: ...
     """
     log = _WriteLog()
+    for tree in watch:
+        leaves = jax.tree_util.tree_flatten_with_path(
+            tree, is_leaf=lambda x: isinstance(x, (torch.Tensor, jax.Array))
+        )[0]
+        for path, x in leaves:
+            where = jax.tree_util.keystr(path) or "the watched value"
+            if isinstance(x, torch.Tensor):
+                log.record(x, f"watched torch tensor {where} {tuple(x.shape)} {x.dtype}")
+            elif isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+                log.record(x, f"watched JAX array {where} {x.shape} {x.dtype}")
     _write_logs.append(log)
     try:
         yield
@@ -283,7 +356,7 @@ def checked_writes() -> Iterator[None]:
     written = log.written()
     if written:
         raise AliasingError(
-            "torch wrote in place into memory shared with JAX arrays: "
+            "memory shared between torch and JAX was written in place: "
             + "; ".join(written)
             + ". JAX arrays are immutable; pass copy=True to to_jax/to_torch for "
             "tensors you write into, or write into a clone."
@@ -328,7 +401,9 @@ def _is_dense(t: torch.Tensor) -> bool:
     if t.is_contiguous():
         return True
     expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1):
+    for stride, size in sorted(
+        (st, n) for n, st in zip(t.shape, t.stride(), strict=True) if n != 1
+    ):
         if stride != expected:
             return False
         expected *= size
@@ -567,4 +642,3 @@ def to_torch(tree: Any, *, copy: bool | None = None) -> Any:
     return _map_tree(
         tree, lambda a: _array_to_torch(a, copy), lambda x: isinstance(x, jax.Array), "torch"
     )
-
