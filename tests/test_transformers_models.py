@@ -1,11 +1,19 @@
 """Real models nobody here wrote: transformers architectures from small random-init
 configs, translated with torch_to_jax and compared with torch eager.
 
-Forward: every tensor in the output (logits, caches, hidden states) at max
-relative error 1e-4 (max |jax - torch| / max |torch|, per tensor).
-Gradient: jax.grad of a fixed random projection of the logits against
-torch.autograd, 1e-3 per parameter (relative to the larger of that parameter's
-gradient and 1% of the model's largest), under jax.jit."""
+Forward, in float32: every tensor in the output (logits, caches, hidden states)
+at max relative error 1e-4 (max |jax - torch| / max |torch|, per tensor).
+Gradient (every sdpa variant; of the eager ones, those in EAGER_GRADIENTS), in
+float64 on both sides (tests/numerics.py): jax.grad of a fixed
+random projection of the logits under jax.jit against torch.autograd, per
+parameter relative to the larger of that parameter's gradient and 1% of the
+model's largest, within 1e-9 (measured: <= 3e-15), or 1e-5 for models that keep
+parts of their computation in float32 whatever their dtype (RMSNorm variances,
+rotary tables, eager softmax; measured: <= 6e-7). A float32 gradient check would
+not give the same verdict on every machine: a ReLU pre-activation within float32
+rounding of zero lands on either side of it depending on summation order, and the
+gradient of its unit flips. The float64 check also asserts that no kinked operand
+(ReLU, max-pool, max, sort, ...) lies within float32 noise of its kink."""
 
 from __future__ import annotations
 
@@ -15,12 +23,21 @@ import pytest
 import torch
 import torch.utils._pytree as torch_pytree
 from models import ATTENTION, BUILDERS, build, main_output
+from numerics import float64_gradients
 
 import bridge
 
 pytestmark = pytest.mark.slow
 
 CASES = [(name, "sdpa") for name in BUILDERS] + [(name, "eager") for name in sorted(ATTENTION)]
+# Eager attention adds one op to what the sdpa variants run, aten._softmax (in
+# float32 whatever the model's dtype); its derivative is checked on a masked causal
+# decoder with grouped-query attention and an unmasked encoder. The other eager
+# variants check forward parity only: their gradients go through the same lowerings.
+EAGER_GRADIENTS = {"llama", "vit"}
+# Seed 0 puts one of T5's ReLU pre-activations (encoder.block.1 DenseReluDense.wi)
+# 1.5e-7 from zero, inside float32 noise: float64_gradients rejects such inputs.
+SEEDS = {"t5": 1}
 
 
 def rel_err(got, expected: torch.Tensor) -> float:
@@ -37,7 +54,7 @@ def float_leaves(tree) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name, attn", CASES, ids=[f"{n}-{a}" for n, a in CASES])
 def test_forward_and_grad_match_torch(name, attn):
-    model, inputs = build(name, attn)
+    model, inputs = build(name, attn, seed=SEEDS.get(name, 0))
     apply, params = bridge.torch_to_jax(model, strict=True)
     jinputs = bridge.to_jax(inputs)
 
@@ -51,25 +68,12 @@ def test_forward_and_grad_match_torch(name, attn):
         assert rel_err(g.numpy(), e) <= 1e-4
     assert type(out) is type(expected)  # ModelOutput keeps its type
 
-    logits = main_output(expected)
-    w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
-
-    def loss(p):
-        return (main_output(apply(p, **jinputs)) * bridge.to_jax(w)).sum()
-
-    grads = jax.jit(jax.grad(loss))(params)
-    (main_output(model(**inputs)) * w).sum().backward()
-    # Per-parameter relative error, its denominator floored at 1% of the largest
-    # gradient in the model: some gradients are exactly zero in exact arithmetic
-    # (a key-projection bias shifts every attention score of a query equally),
-    # and both frameworks return rounding noise there.
-    floor = 0.01 * max(p.grad.abs().max().item() for p in model.parameters() if p.grad is not None)
-    for pname, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        scale = max(p.grad.abs().max().item(), floor)
-        err = np.abs(np.asarray(grads[pname]) - p.grad.numpy()).max() / scale
-        assert err <= 1e-3, (pname, err)
+    if attn == "eager" and name not in EAGER_GRADIENTS:
+        return
+    # The floor (1% of the model's largest gradient) is for gradients that are
+    # exactly zero in exact arithmetic (a key-projection bias shifts every
+    # attention score of a query equally), where both return rounding noise.
+    float64_gradients(model, kwargs=inputs, outputs=lambda o: [main_output(o)]).check(floor_frac=0.01)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
