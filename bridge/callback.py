@@ -844,7 +844,11 @@ class _SaveFwd(_Kernel):
         def pack(t: torch.Tensor) -> Any:
             i = by_storage.get(_storage_ptr(t))
             if i is None:
-                return t
+                # Detached: a saved output (tanh, exp, sigmoid save their result)
+                # would otherwise hold its own grad_fn, a cycle through C++ that
+                # keeps the graph alive forever. The backward needs only values
+                # (this graph is differentiated once; higher orders recompute).
+                return t.detach()
             if t.dtype != xs[i].dtype:
                 return t.clone()  # a reinterpreting view: keep a private copy
             offset = t.storage_offset() - xs[i].storage_offset()
