@@ -14,16 +14,19 @@ itself behind a JAX primitive (see bridge/callback.py).
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import torch
 import torch.utils._pytree as torch_pytree
 
 from bridge import capture as capture_lib
-from bridge import interpreter
+from bridge import checks as checks_lib
+from bridge import dtypes, interpreter
 from bridge.dlpack import _map_tree, to_jax
 from bridge.ops.registry import MissingKeyError
 
@@ -33,7 +36,11 @@ Params = dict[str, jax.Array]
 
 
 def torch_to_jax(
-    module_or_fn: torch.nn.Module | Callable, *, mode: str = "trace", strict: bool = False
+    module_or_fn: torch.nn.Module | Callable,
+    *,
+    mode: str = "trace",
+    strict: bool = False,
+    checks: bool = True,
 ) -> Any:
     """Convert a torch module into `(apply, params)`, or a torch function into a JAX one.
 
@@ -44,6 +51,10 @@ def torch_to_jax(
             them); "callback" runs torch itself at run time.
         strict: in trace mode, raise on ops with no lowering instead of
             falling back to callbacks.
+        checks: keep torch's run-time errors (an index out of range, an
+            integer division by zero, an int64 result that does not fit
+            int32 with x64 off) as errors; see bridge/checks.py. False
+            follows JAX's rules instead (clamped indices, wrapped integers).
 
     Returns:
         For a module, `(apply, params)`: `params` is a dict keyed like
@@ -54,8 +65,9 @@ def torch_to_jax(
         and points to `torch_to_jax_with_state`. For a function, a JAX
         function with the same arguments.
     """
+    _check_convertible(module_or_fn, "torch_to_jax")
     if isinstance(module_or_fn, torch.nn.Module):
-        converted = _Converted(module_or_fn, mode=mode, strict=strict)
+        converted = _Converted(module_or_fn, mode=mode, strict=strict, checks=checks)
         params = converted.params()
 
         def apply(params: Params, *args: Any, rng: jax.Array | None = None, **kwargs: Any) -> Any:
@@ -73,7 +85,7 @@ def torch_to_jax(
         apply.converted = converted  # for introspection and tests
         return apply, params
     if callable(module_or_fn):
-        converted = _Converted(_FunctionModule(module_or_fn), mode=mode, strict=strict)
+        converted = _Converted(_FunctionModule(module_or_fn), mode=mode, strict=strict, checks=checks)
 
         @functools.wraps(module_or_fn)
         def fn(*args: Any, rng: jax.Array | None = None, **kwargs: Any) -> Any:
@@ -88,7 +100,7 @@ def torch_to_jax(
 
 
 def torch_to_jax_with_state(
-    module: torch.nn.Module, *, mode: str = "trace", strict: bool = False
+    module: torch.nn.Module, *, mode: str = "trace", strict: bool = False, checks: bool = True
 ) -> tuple[Callable, Params, Params]:
     """Convert a module whose buffers are state: `(apply, params, state)`.
 
@@ -98,9 +110,10 @@ def torch_to_jax_with_state(
     running statistics and `num_batches_tracked` in train mode). Nothing is
     mutated: the module and `state` are left as they are.
     """
+    _check_convertible(module, "torch_to_jax_with_state")
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"torch_to_jax_with_state takes an nn.Module, got {type(module).__name__}.")
-    converted = _Converted(module, mode=mode, strict=strict)
+    converted = _Converted(module, mode=mode, strict=strict, checks=checks)
 
     def apply(
         params: Params, state: Params, *args: Any, rng: jax.Array | None = None, **kwargs: Any
@@ -111,6 +124,20 @@ def torch_to_jax_with_state(
 
     apply.converted = converted
     return apply, converted.params(), converted.state()
+
+
+def _check_convertible(obj: Any, api: str) -> None:
+    if isinstance(obj, type):
+        kind = "module class" if issubclass(obj, torch.nn.Module) else "class"
+        raise TypeError(
+            f"{api} got the {kind} {obj.__module__}.{obj.__qualname__}, not an instance; "
+            f"create the module first, e.g. {api}({obj.__name__}(...))."
+        )
+    if isinstance(obj, torch.Tensor):
+        raise TypeError(
+            f"{api} converts modules and functions, got a tensor; use bridge.to_jax(tensor) "
+            "to convert data."
+        )
 
 
 class _FunctionModule(torch.nn.Module):
@@ -129,19 +156,22 @@ def _call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 class _Converted:
     """A module, its shared params/buffers, and its graphs cached per signature."""
 
-    def __init__(self, module: torch.nn.Module, *, mode: str, strict: bool) -> None:
+    def __init__(self, module: torch.nn.Module, *, mode: str, strict: bool, checks: bool) -> None:
         if mode not in ("trace", "callback"):
             raise ValueError(f"mode must be 'trace' or 'callback', got {mode!r}")
         self.module = module
         self.mode = mode
         self.strict = strict
-        self._param_shapes = {n: (tuple(p.shape), p.dtype) for n, p in module.named_parameters()}
+        self.checks = checks
+        self._param_shapes = _expected(module.named_parameters())
+        self._buffer_shapes = _expected(module.named_buffers())
         # Tied weights appear once in named_parameters(); the graph may name
         # either alias, so map every alias to the name users see.
         self._alias = _aliases(module.named_parameters(remove_duplicate=False))
         self._alias.update(_aliases(module.named_buffers(remove_duplicate=False)))
         self._state: Params | None = None
         self._graphs: dict[capture_lib.Signature, Callable] = {}
+        self._build_lock = threading.Lock()
 
     # -- values shared with the module
 
@@ -158,34 +188,23 @@ class _Converted:
             raise TypeError(
                 f"params must be a dict keyed like module.named_parameters(), got {type(params).__name__}"
             )
-        expected = self._param_shapes
-        missing = sorted(expected.keys() - params.keys())
-        extra = sorted(params.keys() - expected.keys())
-        wrong = [
-            f"'{n}' has shape {tuple(jax.numpy.shape(params[n]))}, expected {expected[n][0]}"
-            for n in sorted(expected.keys() & params.keys())
-            if tuple(jax.numpy.shape(params[n])) != expected[n][0]
-        ]
-        if missing or extra or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing {missing}")
-            if extra:
-                parts.append(f"unexpected {extra}")
-            parts.extend(wrong)
-            raise ValueError(
-                "params do not match the module's parameters: " + "; ".join(parts)
-                + ". Pass the dict returned by torch_to_jax (or one with the same keys and shapes)."
-            )
+        _check_entries(
+            "params", params, self._param_shapes,
+            "Pass the dict returned by torch_to_jax (or one with the same keys, shapes and "
+            "dtypes); to run in another dtype, convert the module (e.g. module.to(torch.bfloat16)) "
+            "and call torch_to_jax again.",
+        )
 
     def check_state(self, state: Params) -> None:
-        expected = set(dict(self.module.named_buffers()))
-        if not isinstance(state, dict) or set(state) != expected:
-            got = set(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError(
-                f"state must be the dict of buffers keyed like module.named_buffers() "
-                f"({sorted(expected)}); got {sorted(got) if isinstance(got, set) else got}."
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"state must be the dict of buffers keyed like module.named_buffers(), got "
+                f"{type(state).__name__}."
             )
+        _check_entries(
+            "state", state, self._buffer_shapes,
+            "Pass the state returned by torch_to_jax_with_state, or the new_state of a previous call.",
+        )
 
     # -- running
 
@@ -198,10 +217,14 @@ class _Converted:
             treedef=treedef,
             leaves=tuple(_leaf_signature(x) for x in leaves),
             training=tuple(m.training for m in self.module.modules()),
+            x64=dtypes.x64_enabled(),
         )
         graph_fn = self._graphs.get(sig)
         if graph_fn is None:
-            graph_fn = self._graphs[sig] = self._build(sig)
+            with self._build_lock:  # threads calling with a new signature build it once
+                graph_fn = self._graphs.get(sig)
+                if graph_fn is None:
+                    graph_fn = self._graphs[sig] = self._build(sig)
         arrays = [x for x in leaves if _is_array(x)]
         return graph_fn(params, state, arrays, rng)
 
@@ -209,7 +232,9 @@ class _Converted:
         if self.mode == "callback":
             return self._build_callback(sig)
         captured = capture_lib.capture(self.module, _call_module, sig)
-        fallback = None
+        # Outside strict mode, ops with no lowering and ops whose lowering
+        # refuses the arguments at hand run in torch through callbacks.
+        fallback = None if self.strict else interpreter.callback_fallback
         if captured.unsupported:
             if self.strict:
                 raise interpreter.unsupported_error(captured.unsupported)
@@ -220,12 +245,15 @@ class _Converted:
                 "or run on TPU; pass strict=True to make this an error.",
                 stacklevel=4,
             )
-            fallback = interpreter.callback_fallback
         constants = {k: to_jax(v) for k, v in captured.constants.items()}
         alias = self._alias
         out_spec = captured.out_spec
+        with_checks = self.checks
+        # The checks' exceptions, taken when the program is traced (the same
+        # on every trace of this graph); an eager call raises the failed one.
+        exceptions: list[Exception] = []
 
-        def graph_fn(params, state, arrays, rng):
+        def graph_fn(params, state, arrays, rng, staged):
             inputs = []
             for kind, name in captured.inputs:
                 if kind == "user":
@@ -236,16 +264,32 @@ class _Converted:
                     inputs.append(state[alias.get(name, name)])
                 else:
                     inputs.append(constants[name])
-            outs = interpreter.run(captured.program, inputs, rng, fallback)
+            checks = [] if with_checks else None
+            outs = interpreter.run(captured.program, inputs, rng, fallback, checks)
             updates, user = {}, []
             for (kind, name), value in zip(captured.outputs, outs, strict=True):
                 if kind == "buffer":
                     updates[alias.get(name, name)] = value
                 else:
                     user.append(value)
-            return _unflatten_outputs(user, out_spec), updates
+            out = _unflatten_outputs(user, out_spec)
+            if staged:
+                checks_lib.stage(checks or [])
+                return out, updates, None
+            exceptions[:] = [c.exception() for c in checks or []]
+            return out, updates, checks_lib.flags(checks or [])
 
-        return jax.jit(graph_fn)
+        jitted = jax.jit(graph_fn, static_argnames="staged")
+
+        def run(params, state, arrays, rng):
+            # Eager calls check on the host and raise torch's own error type;
+            # traced calls carry the checks inside the program.
+            staged = _traced((params, state, arrays, rng))
+            out, updates, oks = jitted(params, state, arrays, rng, staged=staged)
+            checks_lib.raise_failed(exceptions, oks)
+            return out, updates
+
+        return run
 
     def _build_callback(self, sig: capture_lib.Signature) -> Callable:
         from bridge.callback import wrap
@@ -266,6 +310,40 @@ class _Converted:
             return wrapped(params, state, list(arrays)), {}
 
         return graph_fn
+
+
+def _traced(tree: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _expected(named: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    return {n: (tuple(t.shape), t.dtype) for n, t in named}
+
+
+def _check_entries(what: str, given: dict, expected: dict, fix: str) -> None:
+    """Name every missing, unexpected, mis-shaped or mis-typed entry of params/state."""
+    missing = sorted(expected.keys() - given.keys())
+    extra = sorted(given.keys() - expected.keys())
+    wrong = []
+    for n in sorted(expected.keys() & given.keys()):
+        shape, torch_dtype = expected[n]
+        dtype = dtypes.canonical_jax_dtype(torch_dtype)  # as JAX holds it in this x64 mode
+        value = given[n]
+        got_shape = tuple(jax.numpy.shape(value))
+        got_dtype = np.dtype(getattr(value, "dtype", type(value)))
+        if got_shape != shape:
+            wrong.append(f"'{n}' has shape {got_shape}, expected {shape}")
+        elif got_dtype != dtype:
+            wrong.append(f"'{n}' has dtype {got_dtype.name}, expected {dtype.name}")
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if extra:
+            parts.append(f"unexpected {extra}")
+        parts.extend(wrong)
+        owner = "parameters" if what == "params" else "buffers"
+        raise ValueError(f"{what} do not match the module's {owner}: " + "; ".join(parts) + ". " + fix)
 
 
 def _aliases(named: Any) -> dict[str, str]:

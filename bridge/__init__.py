@@ -10,6 +10,7 @@ Public API (see docs/ and README.md):
 
 from bridge.adapters.jax_to_torch import jax_to_torch
 from bridge.adapters.torch_to_jax import torch_to_jax, torch_to_jax_with_state
+from bridge.capture import CaptureError
 from bridge.dlpack import (
     AliasingError,
     SharingError,
@@ -22,6 +23,7 @@ from bridge.dtypes import UnsupportedDtypeError
 
 __all__ = [
     "AliasingError",
+    "CaptureError",
     "SharingError",
     "UnsupportedDtypeError",
     "X64Error",

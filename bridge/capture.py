@@ -11,9 +11,11 @@ transformers' GPT-2 in torch 2.13).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +38,15 @@ _MAX_DECOMPOSITION_ROUNDS = 8
 #: same signature reuse the cached graph.
 capture_count = 0
 
+# torch.export is not re-entrant: two captures at once (threads calling
+# converted functions for the first time) corrupt its global tracing state
+# and can leave fake tensors in the user's module. One capture at a time.
+_CAPTURE_LOCK = threading.RLock()
+
+
+class CaptureError(RuntimeError):
+    """torch.export could not capture the module for this input signature."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Leaf:
@@ -52,6 +63,7 @@ class Signature:
     treedef: Any  # jax treedef of (args, kwargs)
     leaves: tuple  # Leaf for arrays, the value itself for static leaves
     training: tuple[bool, ...]
+    x64: bool  # JAX's x64 mode: it decides how 32-bit integer inputs are read
 
 
 @dataclasses.dataclass
@@ -83,7 +95,7 @@ class _Wrapper(torch.nn.Module):
 _WIDER = {torch.int32: torch.int64, torch.uint32: torch.uint64}
 
 
-def example_tensor(leaf: Leaf, device: torch.device | None = None, widen: bool = True) -> torch.Tensor:
+def example_tensor(leaf: Leaf, device: torch.device | None, widen: bool) -> torch.Tensor:
     """A zero tensor standing for the array `leaf` describes.
 
     With x64 off, JAX holds torch's int64 as int32, so a JAX int32 array may
@@ -93,22 +105,21 @@ def example_tensor(leaf: Leaf, device: torch.device | None = None, widen: bool =
     back to keeping them 32-bit when torch rejects that.
     """
     dtype = dtypes.to_torch_dtype(leaf.dtype)
-    if widen and not dtypes.x64_enabled():
+    if widen:
         dtype = _WIDER.get(dtype, dtype)
     return torch.zeros(leaf.shape, dtype=dtype, device=device)
 
 
-def _example_choices(leaves: list[Leaf]) -> list[list[bool]]:
+def _example_choices(leaves: list[Leaf], x64: bool) -> list[list[bool]]:
     """Which leaves to widen, in the order `capture` tries them.
 
     First every 32-bit integer widened (torch's int64 convention); if torch
     rejects that (an op that requires int32, such as LU pivots), each such leaf
     kept 32-bit on its own, then all of them. Under x64 nothing is widened.
     """
-    narrowable = [
-        i for i, leaf in enumerate(leaves)
-        if not dtypes.x64_enabled() and dtypes.to_torch_dtype(leaf.dtype) in _WIDER
-    ]
+    if x64:
+        return [[False] * len(leaves)]
+    narrowable = [i for i, leaf in enumerate(leaves) if dtypes.to_torch_dtype(leaf.dtype) in _WIDER]
     choices = [[True] * len(leaves)]
     for i in narrowable:
         choices.append([j != i for j in range(len(leaves))])
@@ -121,8 +132,15 @@ def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured
     """Export `call(module, *args, **kwargs)` for the signature `sig`.
 
     Array leaves become graph inputs; static leaves are baked into the graph
-    (they are part of `sig`, so a new value captures anew).
+    (they are part of `sig`, so a new value captures anew). Safe to call from
+    any thread (captures run one at a time), and the module is left exactly as
+    it was, even when torch.export fails.
     """
+    with _CAPTURE_LOCK, _module_preserved(module):
+        return _capture(module, call, sig)
+
+
+def _capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured:
     global capture_count
     capture_count += 1
     array_pos = [i for i, leaf in enumerate(sig.leaves) if isinstance(leaf, Leaf)]
@@ -142,22 +160,70 @@ def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured
     with warnings.catch_warnings():
         # torch.export's own pytree deprecation noise; nothing a user can act on.
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
-        program = _export(wrapper, leaves, device)
+        program = _export(wrapper, leaves, device, sig.x64)
         program = program.run_decompositions({})  # functionalise; keep high-level ops
         program = _decompose_unlowered(program)
     return _describe(program)
 
 
-def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device) -> ExportedProgram:
+@contextlib.contextmanager
+def _module_preserved(module: torch.nn.Module):
+    """Put back every parameter, buffer and train/eval flag the block replaced.
+
+    torch.export swaps the module's tensors for fake ones while it traces and
+    restores them when it finishes; an exception at the wrong moment could
+    leave a fake tensor behind, and the user's module would then compute
+    nothing real. This makes "the module is unchanged" hold whatever happens.
+    """
+    saved = [
+        (m, dict(m._parameters), dict(m._buffers), m.training) for m in module.modules()
+    ]
+    try:
+        yield
+    finally:
+        for m, params, buffers, training in saved:
+            if m._parameters != params or any(m._parameters[k] is not v for k, v in params.items()):
+                m._parameters.clear()
+                m._parameters.update(params)
+            if m._buffers != buffers or any(m._buffers[k] is not v for k, v in buffers.items()):
+                m._buffers.clear()
+                m._buffers.update(buffers)
+            m.training = training
+
+
+def _data_dependent_error(e: Exception) -> CaptureError | None:
+    """A clear error for torch.export's data-dependent guard failures, or None."""
+    name = type(e).__name__
+    text = str(e)
+    if "DataDependent" not in name and "data-dependent" not in text:
+        return None
+    where = ""
+    marker = "The following call raised this error:"
+    if marker in text:
+        lines = [ln.strip() for ln in text.split(marker, 1)[1].strip().splitlines()[:2]]
+        where = " at " + ": ".join(ln for ln in lines if ln)
+    reason = text.strip().splitlines()[0] if text.strip() else name
+    return CaptureError(
+        f"torch.export cannot capture this code: it makes a Python decision from the value "
+        f"of a tensor{where} ({reason}). While capturing, tensor values are unknown, so the "
+        "branch cannot be translated into one JAX program. Fixes: convert with "
+        "mode='callback' to run torch itself at run time; or compute both branches and pick "
+        "with torch.where (or use torch.cond); or pass the deciding value as a Python "
+        "argument (it then becomes a static value, captured once per value)."
+    )
+def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool) -> ExportedProgram:
     """torch.export the wrapper, with 32-bit integer inputs widened where torch accepts it."""
-    choices = _example_choices(leaves)
+    choices = _example_choices(leaves, x64)
     first_error = None
     # A rejected choice makes FakeTensor log the failing meta function's
     # traceback; the first error is raised below if no choice works.
     fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
-    level = fake_tensor_log.level
+    # Data-dependent guards log a warning per symbol; the error below says it all.
+    shapes_log = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    levels = fake_tensor_log.level, shapes_log.level
     if len(choices) > 1:
         fake_tensor_log.setLevel(logging.CRITICAL)
+    shapes_log.setLevel(logging.ERROR)
     try:
         for widen in choices:
             examples = tuple(example_tensor(leaf, device, w) for leaf, w in zip(leaves, widen, strict=True))
@@ -166,7 +232,11 @@ def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device) -> ExportedPro
             except Exception as e:  # torch's own checks reject a dtype: try the next choice
                 first_error = first_error or e
     finally:
-        fake_tensor_log.setLevel(level)
+        fake_tensor_log.setLevel(levels[0])
+        shapes_log.setLevel(levels[1])
+    clear = _data_dependent_error(first_error)
+    if clear is not None:
+        raise clear from first_error
     raise first_error
 
 

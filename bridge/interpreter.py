@@ -4,14 +4,23 @@ The interpreter knows nothing about individual ops. For each node it looks
 the ATen overload up in `bridge.ops.LOWERINGS`, calls the lowering with JAX
 values, and checks the result against torch's recorded output shape and dtype
 (`node.meta["val"]`), so a lowering that disagrees with torch fails loudly
-instead of returning a silently different answer. Ops with no lowering run
+instead of returning a silently different answer. Ops with no lowering, and
+ops whose lowering refuses the arguments at hand (`NotImplementedError`), run
 through `bridge.callback` (torch itself behind a JAX primitive) when the
 caller allows it.
+
+Integers: with JAX's x64 mode off (the default) torch's int64 values are held
+as int32. The lowerings of the ops that can leave the int32 range (sums,
+products, shifts, casts from float) record a run-time check that the result
+is exact (bridge/ops/exact.py), so a value that does not fit is an `X64Error`,
+never a wrapped number.
 """
 
 from __future__ import annotations
 
 import operator
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,8 +32,14 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.node import map_arg
 
 from bridge import dtypes
+from bridge.checks import Check
 from bridge.ops import LOWERINGS
-from bridge.ops.registry import LoweringContext
+from bridge.ops.registry import (
+    DataDependentShapeError,
+    LoweringContext,
+    MissingKeyError,
+    RefusedByTorchError,
+)
 
 _with_effects = torch.ops.higher_order.with_effects
 
@@ -37,9 +52,16 @@ class UnsupportedOpsError(NotImplementedError):
     """The graph contains ATen ops with no JAX lowering."""
 
 
+class TranslationError(RuntimeError):
+    """A lowering failed on this node; the message says where in the torch code."""
+
+
 def node_op(node: torch.fx.Node) -> Any:
     """The op a node runs: its target, or for `with_effects(token, op, ...)` the inner op."""
     return node.args[1] if node.target is _with_effects else node.target
+
+
+_OWN_FILES = (f"{os.sep}bridge{os.sep}", f"{os.sep}adapters{os.sep}")
 
 
 def describe_node(node: torch.fx.Node) -> str:
@@ -49,15 +71,20 @@ def describe_node(node: torch.fx.Node) -> str:
     if stack:
         path = list(stack.values())[-1][0]
         path = path.removeprefix("L['self'].").removeprefix("m.").removeprefix("L__self___")
-        if path and path != "L['self']":
+        if path and path not in ("L['self']", "m"):
             where.append(f"in module '{path}'")
     trace = node.meta.get("stack_trace")
     if trace:
         lines = [ln.strip() for ln in trace.strip().splitlines()]
-        frames = [ln for ln in lines if ln.startswith("File ")]
+        # The innermost frame outside the bridge's own code, with its source line.
+        frames = [
+            (i, ln) for i, ln in enumerate(lines)
+            if ln.startswith("File ") and not any(own in ln for own in _OWN_FILES)
+        ]
         if frames:
-            code = lines[-1] if not lines[-1].startswith("File ") else ""
-            where.append(f"at {frames[-1]}" + (f": {code}" if code else ""))
+            i, frame = frames[-1]
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            where.append(f"at {frame}" + (f": {code}" if code else ""))
     return f"{node_op(node)}" + (f" ({', '.join(where)})" if where else "")
 
 
@@ -116,13 +143,59 @@ def _effect_outputs(op: torch._ops.OpOverload, val: Any) -> Any:
     return tuple(val[1:]) if returns > 1 else val[1]
 
 
+def _lower(node, lower, ctx, args, kwargs, fallback, checks) -> Any:
+    """Call one lowering; failures carry the node's module path and source line."""
+    before = len(checks) if checks is not None else 0
+    try:
+        out = lower(ctx, *args, **kwargs)
+    except (MissingKeyError, LoweringError, UnsupportedOpsError):
+        raise
+    except (DataDependentShapeError, RefusedByTorchError) as e:
+        # The user's inputs or code: same error type, with where it happened.
+        raise type(e)(f"{e} [{describe_node(node)}]") from e
+    except NotImplementedError as e:
+        # The lowering does not cover these arguments (e.g. LU without
+        # pivoting); torch may, so run the op in torch when allowed.
+        refused = UnsupportedOpsError(
+            f"{describe_node(node)} cannot be translated: {e}. Convert with "
+            "strict=False to run this op through a torch callback, or with "
+            "mode='callback' to run the whole module in torch."
+        )
+        if fallback is None:
+            raise refused from e
+        try:
+            out = fallback(node)(ctx, *args, **kwargs)
+        except Exception:
+            raise refused from e  # a callback cannot serve it either (e.g. `.item()`)
+        warnings.warn(
+            f"{describe_node(node)} cannot be translated ({e}); it runs through a torch "
+            "callback. Pass strict=True to make this an error.",
+            stacklevel=2,
+        )
+    except Exception as e:
+        raise TranslationError(
+            f"translating {describe_node(node)} failed: {type(e).__name__}: {e}\n"
+            "Convert with mode='callback' to run this module in torch instead, and please "
+            "report the failure."
+        ) from e
+    if checks is not None and len(checks) > before:
+        where = describe_node(node)
+        for check in checks[before:]:
+            check.where = check.where or where
+    return out
+
+
 def run(
     program: torch.export.ExportedProgram,
     inputs: Sequence[Any],
     rng: jax.Array | None,
     fallback: Callable[[torch.fx.Node], Callable] | None,
+    checks: list[Check] | None = None,
 ) -> list[Any]:
     """Evaluate `program`'s graph on JAX values, one per placeholder.
+
+    Run-time conditions the lowerings record (`ctx.require`) are appended to
+    `checks` (None: no checks).
 
     Effect tokens (graph inputs and outputs of kind TOKEN, which torch.export
     threads through ops with side effects, e.g. `_linalg_check_errors`) take no
@@ -161,8 +234,8 @@ def run(
                 if fallback is None:
                     raise unsupported_error([node])
                 lower = fallback(node)
-            ctx = LoweringContext(node, val, rng, index)
-            out = lower(ctx, *args, **kwargs)
+            ctx = LoweringContext(node, val, rng, index, checks)
+            out = _lower(node, lower, ctx, args, kwargs, fallback, checks)
             _check(node, out, val)
             if node.target is _with_effects:
                 out = (effect_token, *out) if isinstance(out, (tuple, list)) else (effect_token, out)

@@ -21,6 +21,7 @@ import torch
 from jax import lax
 
 from bridge import dtypes
+from bridge.ops import exact
 from bridge.ops.registry import lowering
 
 aten = torch.ops.aten
@@ -70,34 +71,60 @@ def true_divide(num, den):
 # -- arithmetic ---------------------------------------------------------------
 
 
+def _scaled(ctx, alpha, y):
+    """`alpha * y`, checked exact when torch computes it in int64 (bridge/ops/exact.py)."""
+    if alpha == 1:
+        return y
+    alpha = jnp.asarray(exact.scalar(ctx, alpha), ctx.dtype)
+    return exact.mul(ctx, alpha, y, alpha * y)
+
+
 @lowering(aten.add.Tensor, aten.add.Scalar)
-def add(ctx, x, y, *, alpha=1):
-    x, y = _cast(ctx.dtype, x, y)
-    return x + y if alpha == 1 else x + alpha * y
+def add(ctx, x, y, alpha=1):
+    x, y = _cast(ctx.dtype, exact.scalar(ctx, x), exact.scalar(ctx, y))
+    y = _scaled(ctx, alpha, y)
+    return exact.add(ctx, x, y, x + y)
 
 
 @lowering(aten.sub.Tensor, aten.sub.Scalar)
-def sub(ctx, x, y, *, alpha=1):
-    x, y = _cast(ctx.dtype, x, y)
-    return x - y if alpha == 1 else x - alpha * y
+def sub(ctx, x, y, alpha=1):
+    x, y = _cast(ctx.dtype, exact.scalar(ctx, x), exact.scalar(ctx, y))
+    y = _scaled(ctx, alpha, y)
+    return exact.sub(ctx, x, y, x - y)
 
 
 @lowering(aten.rsub.Tensor, aten.rsub.Scalar)
-def rsub(ctx, x, y, *, alpha=1):
-    x, y = _cast(ctx.dtype, x, y)
-    return y - x if alpha == 1 else y - alpha * x
+def rsub(ctx, x, y, alpha=1):
+    x, y = _cast(ctx.dtype, exact.scalar(ctx, x), exact.scalar(ctx, y))
+    x = _scaled(ctx, alpha, x)
+    return exact.sub(ctx, y, x, y - x)
 
 
 @lowering(aten.mul.Tensor, aten.mul.Scalar)
 def mul(ctx, x, y):
-    x, y = _cast(ctx.dtype, x, y)
-    return x * y
+    x, y = _cast(ctx.dtype, exact.scalar(ctx, x), exact.scalar(ctx, y))
+    return exact.mul(ctx, x, y, x * y)
 
 
 @lowering(aten.div.Tensor, aten.div.Scalar, aten.true_divide.Tensor, aten.true_divide.Scalar)
 def div(ctx, x, y):
     x, y = _cast(ctx.dtype, x, y)
     return x / y
+
+
+def _integer_divisor(ctx, y, x=None) -> None:
+    """torch raises on an integer division by zero; XLA would return a number.
+
+    With `x`, the quotient's one overflow (INT_MIN // -1) is checked too.
+    """
+    if not _is_float(ctx.dtype) and np.dtype(ctx.dtype) != np.bool_:
+        ctx.require(
+            jnp.asarray(y) != 0, ZeroDivisionError,
+            "integer division by zero (torch raises ZeroDivisionError)",
+        )
+        if x is not None and exact.narrowed(ctx):
+            x, y = jnp.asarray(x), jnp.asarray(y)
+            exact.negate(ctx, jnp.where(y == -1, x, 0), None)
 
 
 def _floor_divide(x, y):
@@ -118,6 +145,7 @@ def div_mode(ctx, x, y, *, rounding_mode=None):
     x, y = _cast(ctx.dtype, x, y)
     if rounding_mode is None:
         return x / y
+    _integer_divisor(ctx, y, x)
     if rounding_mode == "floor":
         return _floor_divide(x, y)
     if _is_float(ctx.dtype):
@@ -127,26 +155,30 @@ def div_mode(ctx, x, y, *, rounding_mode=None):
 
 @lowering(aten.floor_divide.default, aten.floor_divide.Scalar)
 def floor_divide(ctx, x, y):
+    _integer_divisor(ctx, y, x)
     return _floor_divide(*_cast(ctx.dtype, x, y))
 
 
 @lowering(aten.remainder.Tensor, aten.remainder.Scalar, aten.remainder.Scalar_Tensor)
 def remainder(ctx, x, y):
+    _integer_divisor(ctx, y)
     return jnp.remainder(*_cast(ctx.dtype, x, y))
 
 
 @lowering(aten.fmod.Tensor, aten.fmod.Scalar)
 def fmod(ctx, x, y):
+    _integer_divisor(ctx, y)
     return jnp.fmod(*_cast(ctx.dtype, x, y))
 
 
 @lowering(aten.pow.Tensor_Tensor, aten.pow.Tensor_Scalar, aten.pow.Scalar)
 def pow(ctx, x, y):
-    (x,) = _cast(ctx.dtype, x)
+    (x,) = _cast(ctx.dtype, exact.scalar(ctx, x))
     if isinstance(y, int) and not isinstance(y, bool):
-        return lax.integer_pow(x, y) if y >= 0 or _is_float(ctx.dtype) else jnp.power(x, y)
+        out = lax.integer_pow(x, y) if y >= 0 or _is_float(ctx.dtype) else jnp.power(x, y)
+        return exact.power(ctx, x, y, out)
     (y,) = _cast(ctx.dtype, y)
-    return jnp.power(x, y)
+    return exact.power(ctx, x, y, jnp.power(x, y))
 
 
 @lowering(aten.addcmul.default)
@@ -302,8 +334,6 @@ def _sinc(x):
 
 
 _UNARY = {
-    aten.neg.default: jnp.negative,
-    aten.abs.default: jnp.abs,
     aten.sign.default: _sign,
     aten.sgn.default: _sgn,
     aten.reciprocal.default: _reciprocal,
@@ -365,6 +395,19 @@ def _register_unary(op, fn):
 
 for _op, _fn in _UNARY.items():
     _register_unary(_op, _fn)
+
+
+@lowering(aten.neg.default)
+def neg(ctx, x):
+    x = jnp.asarray(x, ctx.dtype)
+    return exact.negate(ctx, x, jnp.negative(x))
+
+
+@lowering(aten.abs.default)
+def abs_(ctx, x):
+    if not jnp.iscomplexobj(x):
+        x = jnp.asarray(x, ctx.dtype)
+    return exact.negate(ctx, x, jnp.abs(x).astype(ctx.dtype))
 
 
 def _integer_identity(fn):
@@ -544,16 +587,20 @@ def _register_bitwise(ops, fn):
 _register_bitwise((aten.bitwise_and.Tensor, aten.bitwise_and.Scalar), jnp.bitwise_and)
 _register_bitwise((aten.bitwise_or.Tensor, aten.bitwise_or.Scalar), jnp.bitwise_or)
 _register_bitwise((aten.bitwise_xor.Tensor, aten.bitwise_xor.Scalar), jnp.bitwise_xor)
-_register_bitwise(
-    (
-        aten.bitwise_left_shift.Tensor,
-        aten.bitwise_left_shift.Tensor_Scalar,
-        aten.bitwise_left_shift.Scalar_Tensor,
-        aten.__lshift__.Tensor,
-        aten.__lshift__.Scalar,
-    ),
-    jnp.left_shift,
+
+
+@lowering(
+    aten.bitwise_left_shift.Tensor,
+    aten.bitwise_left_shift.Tensor_Scalar,
+    aten.bitwise_left_shift.Scalar_Tensor,
+    aten.__lshift__.Tensor,
+    aten.__lshift__.Scalar,
 )
+def left_shift(ctx, x, y):
+    x, y = _cast(ctx.dtype, x, y)
+    return exact.left_shift(ctx, x, y, jnp.left_shift(x, y))
+
+
 _register_bitwise(
     (
         aten.bitwise_right_shift.Tensor,
@@ -763,12 +810,12 @@ def _convert(x, dtype):
 
 @lowering(aten._to_copy.default)
 def to_copy(ctx, x, **kwargs):
-    return _convert(x, ctx.dtype)
+    return exact.from_float(ctx, x, _convert(x, ctx.dtype))
 
 
 @lowering(aten.type_as.default)
 def type_as(ctx, x, other):
-    return _convert(x, ctx.dtype)
+    return exact.from_float(ctx, x, _convert(x, ctx.dtype))
 
 
 # -- complex numbers ----------------------------------------------------------------

@@ -8,19 +8,17 @@ JAX's `.at[]` updates, whose gradients JAX already defines.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from jax import lax
 
-from bridge.ops.registry import lowering
+from bridge.ops.registry import DataDependentShapeError, lowering
 
 aten = torch.ops.aten
-
-
-class DataDependentShapeError(NotImplementedError):
-    """An op whose output shape depends on the values of a tensor."""
 
 
 def _data_dependent(ctx, what: str) -> DataDependentShapeError:
@@ -28,6 +26,21 @@ def _data_dependent(ctx, what: str) -> DataDependentShapeError:
         f"{ctx.node.target}: {what} has an output shape that depends on tensor values, which "
         "JAX's static shapes cannot express. Use a fixed-size form (torch.where, masked_fill, "
         "multiplying by the mask) or run the module with mode='callback'."
+    )
+
+
+def _in_range(ctx, index, size: int, what: str, negative: bool) -> None:
+    """torch raises on an index outside [0, size) (or [-size, size) where it wraps negatives).
+
+    JAX would clamp a gather and drop a scatter update instead; `ctx.require`
+    turns that into an IndexError (bridge/checks.py).
+    """
+    if index is None or jnp.size(index) == 0:
+        return
+    lo = -size if negative else 0
+    ctx.require(
+        (index >= lo) & (index < size), IndexError,
+        f"index out of range: {what} takes indices in [{lo}, {size})",
     )
 
 
@@ -43,15 +56,29 @@ def _is_bool(index) -> bool:
     return index is not None and index.dtype in (jnp.bool_, jnp.uint8)
 
 
-def _advanced_index(ctx, indices) -> tuple:
-    """aten's `Tensor?[] indices` (None meaning ':') as a JAX index tuple."""
+def _advanced_index(ctx, indices, shape=None) -> tuple:
+    """aten's `Tensor?[] indices` (None meaning ':') as a JAX index tuple.
+
+    With `shape` (the indexed tensor's), each index is checked to lie in
+    [-size, size) of its dimension, as torch checks it.
+    """
     if any(_is_bool(i) for i in indices):
         raise _data_dependent(ctx, "indexing with a boolean mask")
+    if shape is not None:
+        for d, i in enumerate(indices):
+            if i is not None:
+                _in_range(ctx, i, shape[d], f"dimension {d} of size {shape[d]}", negative=True)
     return tuple(slice(None) if i is None else i for i in indices)
 
 
-@lowering(aten.index.Tensor, aten.index.Tensor_hacked_twin, aten._unsafe_index.Tensor)
+@lowering(aten.index.Tensor, aten.index.Tensor_hacked_twin)
 def index(ctx, x, indices):
+    return x[_advanced_index(ctx, indices, x.shape)]
+
+
+@lowering(aten._unsafe_index.Tensor)
+def unsafe_index(ctx, x, indices):
+    # "unsafe": torch's decompositions emit it with indices they computed in range.
     return x[_advanced_index(ctx, indices)]
 
 
@@ -76,6 +103,9 @@ def _mask_put(ctx, x, indices, values, accumulate):
     return jnp.where(mask, x + taken if accumulate else taken, x)
 
 
+_UNSAFE_INDEX_PUT = (aten._unsafe_index_put.default, aten._unsafe_index_put.hacked_twin)
+
+
 @lowering(
     aten.index_put.default,
     aten.index_put.hacked_twin,
@@ -88,7 +118,8 @@ def index_put(ctx, x, indices, values, accumulate=False, unsafe=False):
         if sum(i is not None for i in indices) == 1:
             return _mask_put(ctx, x, indices, values, accumulate)
         raise _data_dependent(ctx, "index_put with a boolean mask")
-    where = x.at[_advanced_index(ctx, indices)]
+    checked = not unsafe and ctx.node.target not in _UNSAFE_INDEX_PUT
+    where = x.at[_advanced_index(ctx, indices, x.shape if checked else None)]
     values = values.astype(x.dtype)
     return where.add(values) if accumulate else where.set(values)
 
@@ -106,6 +137,8 @@ def unsafe_masked_index_put_accumulate(ctx, x, mask, indices, values):
 
 @lowering(aten.index_select.default)
 def index_select(ctx, x, dim, index):
+    size = x.shape[_dim(dim, x.ndim)] if x.ndim else 1
+    _in_range(ctx, index, size, f"dimension {dim} of size {size}", negative=False)
     if x.ndim == 0:
         return jnp.reshape(jnp.take(jnp.reshape(x, (1,)), jnp.ravel(index), axis=0), ctx.shape)
     return jnp.take(x, jnp.ravel(index), axis=_dim(dim, x.ndim))
@@ -113,6 +146,8 @@ def index_select(ctx, x, dim, index):
 
 @lowering(aten.gather.default)
 def gather(ctx, x, dim, index, *, sparse_grad=False):
+    size = x.shape[_dim(dim, x.ndim)] if x.ndim else 1
+    _in_range(ctx, index, size, f"dimension {dim} of size {size}", negative=False)
     if x.ndim == 0:
         return jnp.reshape(jnp.take(jnp.reshape(x, (1,)), jnp.ravel(index)), ctx.shape)
     dim = _dim(dim, x.ndim)
@@ -214,6 +249,8 @@ def _promote_0d(fn):
     """Run a scatter on 0-d operands as on 1-element vectors, as torch allows."""
 
     def lowered(ctx, x, dim, index, src, *args, **kwargs):
+        size = x.shape[_dim(dim, x.ndim)] if x.ndim else 1
+        _in_range(ctx, index, size, f"dimension {dim} of size {size}", negative=False)
         if x.ndim:
             return fn(ctx, x, _dim(dim, x.ndim), index, src, *args, **kwargs)
         src = _as_1d(src) if isinstance(src, jax.Array) else src
@@ -280,10 +317,18 @@ def _index_positions(x, dim: int, index, source_shape) -> tuple:
     )
 
 
-def _index_op(fn):
-    """Run an index_* op on 0-d operands as on 1-element vectors, as torch allows."""
+def _index_op(fn=None, *, negative: bool = False):
+    """Run an index_* op on 0-d operands as on 1-element vectors, as torch allows.
+
+    The index is checked against the size of `dim` as torch checks it (index_fill
+    also takes negative indices).
+    """
+    if fn is None:
+        return functools.partial(_index_op, negative=negative)
 
     def lowered(ctx, x, dim, index, *args, **kwargs):
+        size = x.shape[_dim(dim, x.ndim)] if x.ndim else 1
+        _in_range(ctx, index, size, f"dimension {dim} of size {size}", negative=negative)
         if x.ndim:
             return fn(ctx, x, _dim(dim, x.ndim), jnp.ravel(index), *args, **kwargs)
         y = fn(ctx, jnp.reshape(x, (1,)), 0, jnp.reshape(index, (-1,)), *args, **kwargs)
@@ -312,7 +357,7 @@ def index_copy(ctx, x, dim, index, source):
 
 
 @lowering(aten.index_fill.int_Scalar, aten.index_fill.int_Tensor)
-@_index_op
+@_index_op(negative=True)
 def index_fill(ctx, x, dim, index, value):
     return x.at[_index_along(dim, index)].set(jnp.asarray(value).astype(x.dtype))
 
@@ -345,6 +390,7 @@ def masked_scatter(ctx, x, mask, source):
 
 @lowering(aten.take.default)
 def take(ctx, x, index):
+    _in_range(ctx, index, x.size, f"a tensor of {x.size} elements", negative=True)
     return jnp.ravel(x)[index]
 
 
@@ -353,6 +399,7 @@ def put(ctx, x, index, source, accumulate=False):
     """`x.flatten()[index] = source` (or `+=`), indices into the flattened tensor."""
     flat = jnp.ravel(x)
     index = jnp.ravel(index)
+    _in_range(ctx, index, flat.size, f"a tensor of {flat.size} elements", negative=True)
     index = jnp.where(index < 0, index + flat.size, index)
     source = jnp.ravel(source).astype(x.dtype)
     flat = flat.at[index].add(source) if accumulate else flat.at[index].set(source)
@@ -375,6 +422,7 @@ def take_along_dim(ctx, x, indices, dim=None):
 
 @lowering(aten.embedding.default)
 def embedding(ctx, weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False):
+    _in_range(ctx, indices, weight.shape[0], f"an embedding of {weight.shape[0]} rows", negative=False)
     out = jnp.take(weight, indices, axis=0)
     if scale_grad_by_freq:
         counts = jnp.zeros(weight.shape[0], weight.dtype).at[indices].add(1)

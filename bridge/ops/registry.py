@@ -11,6 +11,9 @@ and every other value (ints, floats, bools, dtypes, devices) left as it is.
     ctx.shape   the output shape
     ctx.out     the raw `node.meta["val"]` (FakeTensor, tuple, SymInt, ...)
     ctx.key()   a fresh PRNG key for this node (random ops only)
+    ctx.require(ok, error, message)
+                a condition torch checks at run time (an index in range, a
+                nonzero integer divisor); see bridge/checks.py
 
 Lowerings use `ctx.dtype`/`ctx.shape` instead of re-deriving torch's rules.
 """
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from bridge import dtypes
+from bridge.checks import Check
 
 Lowering = Callable[..., Any]
 
@@ -50,16 +54,35 @@ class MissingKeyError(ValueError):
     """A random op ran without an `rng=` key."""
 
 
+class RefusedByTorchError(TypeError):
+    """torch itself refuses these arguments (e.g. mixed dtypes in a matmul)."""
+
+
+class DataDependentShapeError(NotImplementedError):
+    """An op whose output shape depends on the values of a tensor."""
+
+
 class LoweringContext:
     """What the interpreter knows about the node being lowered."""
 
-    __slots__ = ("node", "out", "_rng", "_index")
+    __slots__ = ("node", "out", "_rng", "_index", "_checks")
 
-    def __init__(self, node: Any, out: Any, rng: jax.Array | None, index: int) -> None:
+    def __init__(
+        self, node: Any, out: Any, rng: jax.Array | None, index: int, checks: list[Check] | None = None
+    ) -> None:
         self.node = node
         self.out = out
         self._rng = rng
         self._index = index
+        self._checks = checks
+
+    def require(self, ok: Any, error: type[Exception], message: str) -> None:
+        """Record that torch raises `error(message)` at run time unless `ok` holds everywhere.
+
+        A no-op when the caller turned checks off (`checks=False`).
+        """
+        if self._checks is not None:
+            self._checks.append(Check(jax.numpy.all(ok), error, message))
 
     @property
     def dtype(self) -> np.dtype:
