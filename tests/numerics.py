@@ -276,6 +276,8 @@ def _at_zero(args, kwargs):
 
 def _reduce_max(args, kwargs):
     x = args[0]
+    if len(args) > 1 and isinstance(args[1], torch.Tensor):  # max.other: elementwise
+        return _binary(args, kwargs)
     dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
     if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
         return _top2_gap(x.reshape(-1), 0), x
