@@ -499,7 +499,9 @@ def values_outside(t: torch.Tensor, narrowed: torch.Tensor) -> str | None:
     if t.dtype == torch.int64:
         return f"values in [{t.min().item()}, {t.max().item()}]"
     n = int(lost.sum())
-    return f"{n} value{'s' if n > 1 else ''} such as {t[lost][0].item()}"
+    # uint64 has no indexing kernel in older torch: pick the value through its int64 view
+    example = t.view(torch.int64)[lost][0].item() % 2**64
+    return f"{n} value{'s' if n > 1 else ''} such as {example}"
 
 
 def _tensor_to_jax(t: torch.Tensor, copy: bool | None) -> jax.Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -34,8 +35,19 @@ def test_uint64_that_does_not_fit_raises_x64_error():
         bridge.to_jax(torch.ones(2, dtype=torch.uint64), copy=False)
 
 
+@contextlib.contextmanager
+def _x64():
+    # jax.enable_x64 is new (jax 0.7 has jax.experimental.enable_x64): set the flag itself.
+    before = jax.config.read("jax_enable_x64")
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
 def test_uint64_with_x64_on_keeps_every_value():
-    with jax.enable_x64(True):
+    with _x64():
         t = torch.tensor([1, 2**63 + 5], dtype=torch.uint64)
         a = bridge.to_jax(t)
         assert a.dtype == jnp.uint64
