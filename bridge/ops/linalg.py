@@ -329,9 +329,32 @@ def linalg_pinv(ctx, a, *, atol=None, rtol=None, hermitian=False):
     return _pinv(a, atol, jnp.asarray(rtol, real), hermitian)
 
 
+_WIDER = {jnp.dtype(jnp.float16): jnp.float64, jnp.dtype(jnp.bfloat16): jnp.float64,
+          jnp.dtype(jnp.float32): jnp.float64, jnp.dtype(jnp.complex64): jnp.complex128}
+
+
 @lowering(aten.linalg_matrix_exp.default)
 def linalg_matrix_exp(ctx, a):
-    return jsl.expm(a)
+    """exp(A) by scaling and squaring, in float64 (complex128) and rounded back.
+
+    Each squaring doubles the relative error of the approximant, so in float32
+    the small entries of exp(A) for a matrix of norm ~30 come out wrong in
+    their third digit (torch's own float32 kernel as well); computed in
+    float64 every entry is the float64 value correctly rounded. JAX's expm
+    gives NaN beyond `max_squarings` squarings: allow every squaring the
+    dtype's range can need, so only a true overflow gives inf/NaN.
+    """
+    wide = _WIDER.get(jnp.dtype(a.dtype), a.dtype)
+    squarings = int(jnp.finfo(wide).maxexp) + 1
+    with jax.enable_x64(True):
+        value = jsl.expm(lax.stop_gradient(a).astype(wide), max_squarings=squarings).astype(ctx.dtype)
+    if wide == a.dtype:
+        return value
+    # The derivative is JAX's, of the same algorithm in the input's dtype: a
+    # float64 computation cannot be transposed once x64 is off again (the
+    # backward pass runs outside this trace). It adds exactly zero to the value.
+    narrow = jsl.expm(a, max_squarings=int(jnp.finfo(a.dtype).maxexp) + 1)
+    return value + jnp.where(jnp.isfinite(narrow), narrow - lax.stop_gradient(narrow), 0)
 
 
 @lowering(aten.linalg_householder_product.default)

@@ -163,8 +163,15 @@ def trilinear(ctx, i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1):
 
 @lowering(aten.tensordot.default)
 def tensordot(ctx, a, b, dims_a, dims_b):
+    """torch contracts a size-1 dim against any size: the other side's dim is summed first."""
+    a, b = a.astype(ctx.dtype), b.astype(ctx.dtype)
     axes = ([d % a.ndim for d in dims_a], [d % b.ndim for d in dims_b])
-    return jnp.tensordot(a.astype(ctx.dtype), b.astype(ctx.dtype), axes=axes)
+    for da, db in zip(*axes, strict=True):
+        if b.shape[db] == 1:
+            a = jnp.sum(a, axis=da, keepdims=True)
+        elif a.shape[da] == 1:
+            b = jnp.sum(b, axis=db, keepdims=True)
+    return jnp.tensordot(a, b, axes=axes)
 
 
 # --------------------------------------------------------------------------- convolution
@@ -758,10 +765,30 @@ def _softmax_input(x, dim, dtype):
     return x, dim % x.ndim
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _softmax_of(x, axis):
+    """jax.nn.softmax with torch's derivative, taken from the output: y * (dx - sum(y * dx)).
+
+    JAX differentiates exp(x - max) / sum through the division; compiled
+    under jit, that leaves a small nonzero gradient on a saturated row (y is
+    1 and 0s, where torch's formula gives exactly 0), which the layers after
+    it amplify (multi-head attention: 2e-3 where torch, float64 and a central
+    difference give 0; without jit the same expression gives 0).
+    """
+    return jax.nn.softmax(x, axis=axis)
+
+
+@_softmax_of.defjvp
+def _softmax_of_jvp(axis, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    y = _softmax_of(x, axis)
+    return y, y * (dx - jnp.sum(y * dx, axis=axis, keepdims=True))
+
+
 @lowering(aten._softmax.default)
 def _softmax(ctx, x, dim, half_to_float):
     x, dim = _softmax_input(x, dim, x.dtype)
-    return jax.nn.softmax(x, axis=dim).reshape(ctx.shape).astype(ctx.dtype)
+    return _softmax_of(x, dim).reshape(ctx.shape).astype(ctx.dtype)
 
 
 @lowering(aten._log_softmax.default)
@@ -773,7 +800,7 @@ def _log_softmax(ctx, x, dim, half_to_float):
 @lowering(aten.softmax.int)
 def softmax(ctx, x, dim, dtype=None):
     x, dim = _softmax_input(x.astype(ctx.dtype), dim, ctx.dtype)
-    return jax.nn.softmax(x, axis=dim).reshape(ctx.shape).astype(ctx.dtype)
+    return _softmax_of(x, dim).reshape(ctx.shape).astype(ctx.dtype)
 
 
 @lowering(aten.log_softmax.int)
@@ -789,7 +816,7 @@ def _safe_softmax_impl(x, dim):
     is 0 like torch's, not the NaN that a softmax of -inf rows back-propagates.
     """
     masked_rows = jnp.all(x == -jnp.inf, axis=dim, keepdims=True)
-    out = jax.nn.softmax(jnp.where(masked_rows, 0.0, x), axis=dim)
+    out = _softmax_of(jnp.where(masked_rows, 0.0, x), dim)
     return jnp.where(masked_rows, 0.0, out)
 
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import torch
 from jax import lax
 
+from bridge.ops import exact
 from bridge.ops.creation import linspace_values
 from bridge.ops.elementwise import true_divide
 from bridge.ops.registry import lowering
@@ -55,12 +56,14 @@ def _unkeep(x, axis, keepdim):
 
 @lowering(aten.sum.default, aten.sum.dim_IntList)
 def sum_(ctx, x, dim=None, keepdim=False, *, dtype=None):
-    return jnp.sum(x, axis=_dims(x, dim), keepdims=keepdim, dtype=ctx.dtype)
+    dims = _dims(x, dim)
+    return exact.sum_(ctx, x, dims, keepdim, jnp.sum(x, axis=dims, keepdims=keepdim, dtype=ctx.dtype))
 
 
 @lowering(aten.nansum.default)
 def nansum(ctx, x, dim=None, keepdim=False, *, dtype=None):
-    return jnp.nansum(x, axis=_dims(x, dim), keepdims=keepdim, dtype=ctx.dtype)
+    dims = _dims(x, dim)
+    return exact.sum_(ctx, x, dims, keepdim, jnp.nansum(x, axis=dims, keepdims=keepdim, dtype=ctx.dtype))
 
 
 @lowering(aten.mean.default, aten.mean.dim)
@@ -75,7 +78,8 @@ def nanmean(ctx, x, dim=None, keepdim=False, *, dtype=None):
 
 @lowering(aten.prod.default, aten.prod.dim_int)
 def prod(ctx, x, dim=None, keepdim=False, *, dtype=None):
-    return jnp.prod(x.astype(ctx.dtype), axis=_dims(x, dim), keepdims=keepdim)
+    dims = _dims(x, dim)
+    return exact.prod(ctx, x, dims, jnp.prod(x.astype(ctx.dtype), axis=dims, keepdims=keepdim))
 
 
 @lowering(aten.count_nonzero.default, aten.count_nonzero.dim_IntList)
@@ -294,15 +298,16 @@ def dist(ctx, x, other, p=2):
 @lowering(aten.cumsum.default)
 def cumsum(ctx, x, dim, *, dtype=None):
     axis = _axis(x, dim)
-    x = x.astype(ctx.dtype)
-    return x if axis is None else jnp.cumsum(x, axis=axis)
+    if axis is None:
+        return x.astype(ctx.dtype)
+    return exact.cumsum(ctx, x, axis, jnp.cumsum(x.astype(ctx.dtype), axis=axis))
 
 
 @lowering(aten.cumprod.default)
 def cumprod(ctx, x, dim, *, dtype=None):
     axis = _axis(x, dim)
     x = x.astype(ctx.dtype)
-    return x if axis is None else jnp.cumprod(x, axis=axis)
+    return x if axis is None else exact.cumprod(ctx, x, axis, jnp.cumprod(x, axis=axis))
 
 
 @lowering(aten.logcumsumexp.default)
@@ -606,31 +611,57 @@ def histogramdd_from_bin_tensors(ctx, x, bins, *, weight=None, density=False):
 # -- hash_tensor -------------------------------------------------------------------------------
 
 
+def _float_words(x):
+    """(high, low) uint32 words of each element of a float array of <= 32 bits, as float64.
+
+    Computed from the bits, not by converting: XLA's CPU backend flushes
+    float32 subnormals to zero when it converts them, and torch does not
+    (they are normal numbers in float64). A NaN keeps its payload and comes
+    out quiet, as the C++ conversion torch uses makes it.
+    """
+    if x.dtype == jnp.bfloat16:  # bfloat16 is the top half of a float32
+        bits = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
+    else:  # float16 -> float32 is exact (its subnormals are normal in float32)
+        bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    sign = bits >> 31
+    exponent = (bits >> 23) & jnp.uint32(0xFF)
+    fraction = bits & jnp.uint32(0x7FFFFF)
+    subnormal = (exponent == 0) & (fraction != 0)
+    special = exponent == 0xFF
+    # A subnormal's leading fraction bit (at `top`) becomes float64's implicit bit.
+    top = (31 - lax.clz(fraction).astype(jnp.int32)).astype(jnp.uint32)
+    mantissa = jnp.where(subnormal, fraction ^ lax.shift_left(jnp.uint32(1), top), fraction)
+    shift = jnp.where(subnormal, 52 - top, jnp.uint32(29))  # fraction bit 0 -> float64 bit `shift`
+    low = lax.shift_left(mantissa, shift)  # shifts of 32 or more give 0
+    high_fraction = jnp.where(shift >= 32, lax.shift_left(mantissa, shift - 32),
+                              lax.shift_right_logical(mantissa, 32 - shift))
+    exponent64 = jnp.where(special, jnp.uint32(0x7FF),
+                           jnp.where(subnormal, top + 874,  # 2**(top - 149), biased by 1023
+                                     jnp.where(exponent == 0, jnp.uint32(0), exponent + 896)))
+    quiet = jnp.where(special & (fraction != 0), jnp.uint32(1 << 19), jnp.uint32(0))
+    high = (sign << 31) | (exponent64 << 20) | high_fraction | quiet
+    return high, low
+
+
 def _hash_words(x, dtype):
     """Each element as torch's hash_tensor sees it: widened to 64-bit float/int and read as uint64.
 
     With x64 off JAX has no uint64, and torch's result arrives as its low 32
     bits; those are computed from the bits of the 32-bit value.
     """
-    if jnp.dtype(dtype).itemsize == 8:
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            return lax.bitcast_convert_type(x.astype(jnp.float64), jnp.uint64)
-        if jnp.issubdtype(x.dtype, jnp.signedinteger):
-            return lax.bitcast_convert_type(x.astype(jnp.int64), jnp.uint64)
-        return x.astype(jnp.uint64)
+    wide = jnp.dtype(dtype).itemsize == 8
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 8:
+        return lax.bitcast_convert_type(x, jnp.uint64)
+    if jnp.issubdtype(x.dtype, jnp.floating):
+        high, low = _float_words(x)
+        if not wide:
+            return low
+        return (high.astype(jnp.uint64) << 32) | low.astype(jnp.uint64)
     if jnp.issubdtype(x.dtype, jnp.signedinteger):
+        if wide:
+            return lax.bitcast_convert_type(x.astype(jnp.int64), jnp.uint64)
         return lax.bitcast_convert_type(x.astype(jnp.int32), jnp.uint32)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        return x.astype(jnp.uint32)
-    # float32 -> float64 keeps the 23 fraction bits at the top of the 52; the low
-    # word holds the last 3 of them. A subnormal is normalised first: its fraction
-    # moves up until its leading bit sits at bit 52.
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    fraction = bits & jnp.uint32(0x7FFFFF)
-    subnormal = ((bits >> 23) & jnp.uint32(0xFF)) == 0
-    top = 31 - lax.clz(fraction).astype(jnp.int32)
-    shift = jnp.where(subnormal, 52 - top, 29).astype(jnp.uint32)
-    return lax.shift_left(fraction, shift)
+    return x.astype(jnp.uint64 if wide else jnp.uint32)
 
 
 @lowering(aten.hash_tensor.default)
