@@ -23,6 +23,10 @@ What "matches" means, in one place:
   translated op runs with an `rng=` key and is checked for shape, dtype and
   the support of its distribution (`RANDOM`'s predicate), not values; where
   the gradient depends on the draw (`RANDOM_GRADIENTS`), so are gradients.
+  The samples of deterministic entries that draw (`RANDOM_SAMPLES`: dropout
+  with p > 0) are checked the same way, shape, dtype and finite values.
+- A sample input that is a partial view of a larger storage is passed as
+  that whole storage and viewed inside the function (see `_as_function`).
 - Ops whose values are undefined (`UNINITIALISED`: `torch.empty` and kin) are
   checked for shape and dtype.
 - Eigenvectors (`EIGENVECTORS`) are defined up to a phase per column: both
@@ -113,6 +117,22 @@ RANDOM.update({
 })
 RANDOM_GRADIENTS = {"nn.functional.fractional_max_pool2d", "nn.functional.fractional_max_pool3d",
                     "nn.functional.rrelu"}
+# Deterministic entries some of whose samples draw random numbers (dropout
+# with p > 0): entry -> which samples. Those samples are checked like RANDOM
+# entries (key, shape, dtype, finite values; gradients shape and dtype); the
+# entry's other samples are compared value for value.
+RANDOM_SAMPLES = {
+    "nn.functional.multi_head_attention_forward": lambda s: bool(s.kwargs.get("training", True))
+    and s.args[9] > 0,  # args: key, value, embed_dim, num_heads, in_proj w/b, bias_k/v, add_zero_attn, dropout_p
+    "nn.functional.scaled_dot_product_attention": lambda s: s.kwargs.get("dropout_p", 0.0) > 0,
+}
+
+
+def draws(name: str, sample) -> bool:
+    """Whether the sample's result depends on a random draw."""
+    return name in RANDOM or (name in RANDOM_SAMPLES and RANDOM_SAMPLES[name](sample))
+
+
 UNINITIALISED = {"empty", "empty_like", "new_empty", "new_empty_strided", "empty_strided", "empty_permuted"}
 EIGENVECTORS = {"linalg.eigh": (1,), "eigh": (1,)}  # entry -> output indices holding eigenvectors
 
@@ -141,11 +161,18 @@ def _as_function(op, sample, clone: frozenset[int] = frozenset(), post=None):
     is applied to the result."""
     leaves, spec = torch_pytree.tree_flatten((sample.input, sample.args, sample.kwargs))
     index = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    # A leaf that is a partial view of a larger storage (as_strided's
+    # "partial_views" samples) is passed as that whole storage and viewed
+    # inside the function: a clone would drop the memory around it, which
+    # ops like as_strided read (torch's own call then fails in setStorage).
+    views = {k: (t.size(), t.stride(), t.storage_offset())
+             for k, t in enumerate(leaves[i] for i in index) if _partial_view(t)}
 
     def fn(*tensors):
         values = list(leaves)
         tensors = [t.clone() if k in clone else t for k, t in enumerate(tensors)]
-        for i, t in zip(index, tensors, strict=True):
+        viewed = [t.as_strided(*views[k]) if k in views else t for k, t in enumerate(tensors)]
+        for i, t in zip(index, viewed, strict=True):
             values[i] = t
         inp, args, kwargs = torch_pytree.tree_unflatten(values, spec)
         out = op.op(inp, *args, **kwargs)
@@ -153,7 +180,21 @@ def _as_function(op, sample, clone: frozenset[int] = frozenset(), post=None):
             out = post(out)
         return (out, *(tensors[k] for k in sorted(clone))) if clone else out
 
-    return fn, [leaves[i] for i in index]
+    tensors = [leaves[i] for i in index]
+    return fn, [_whole_storage(t) if k in views else t for k, t in enumerate(tensors)]
+
+
+def _partial_view(t: torch.Tensor) -> bool:
+    """Whether `t` sees only part of its storage (an offset, or memory past its last element)."""
+    if t.numel() == 0 or t.layout != torch.strided:
+        return False
+    extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True))
+    return t.storage_offset() != 0 or t.untyped_storage().nbytes() > extent * t.element_size()
+
+
+def _whole_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s whole storage as a 1-d tensor of its dtype."""
+    return t.detach().as_strided((t.untyped_storage().nbytes() // t.element_size(),), (1,), 0)
 
 
 class _WriteRecorder(TorchDispatchMode):
@@ -254,13 +295,14 @@ def check_sample(op, sample, *, grad: bool = False) -> None:
         if wide:
             raise NeedsX64(f"a {wide[0]} input needs JAX's x64 mode")
     post = sample.output_process_fn_grad if grad and name in EIGENVECTORS else None
+    random = draws(name, sample)
     clone = _mutated(op, sample)
     while True:
         fn, tensors = _as_function(op, sample, clone, post)
         tensors = [t.detach() for t in tensors]
         expected = fn(*[t.clone() for t in tensors])
         jfn = bridge.torch_to_jax(fn, strict=True)
-        if name in RANDOM:
+        if random:
             jfn = functools.partial(jfn, rng=jax.random.key(0))
         inputs = [bridge.to_jax(t, copy=True) for t in tensors]
         try:
@@ -278,9 +320,10 @@ def check_sample(op, sample, *, grad: bool = False) -> None:
     reference = None
     for i, (g, e) in enumerate(zip(got_leaves, exp_leaves, strict=True)):
         what = f"output {i}"
-        if name in RANDOM:
+        if random:
             _assert_close(g, e, FORWARD_TOL, what, values=False)
-            assert RANDOM[name](bridge.to_torch(g, copy=True)), f"{what}: values outside the distribution's support"
+            support = RANDOM.get(name, _finite)
+            assert support(bridge.to_torch(g, copy=True)), f"{what}: values outside the distribution's support"
             continue
         if name in UNINITIALISED:
             _assert_close(g, e, FORWARD_TOL, what, values=False)
@@ -297,7 +340,8 @@ def check_sample(op, sample, *, grad: bool = False) -> None:
                 reference = _tensor_leaves(fn(*wide))
             _assert_close(g, e, FORWARD_TOL, what, reference=reference[i])
     if grad:
-        _check_grad(fn, tensors, jfn, inputs, exp_leaves, random_draws=name in RANDOM_GRADIENTS,
+        _check_grad(fn, tensors, jfn, inputs, exp_leaves,
+                    random_draws=name in RANDOM_GRADIENTS or (random and name not in RANDOM),
                     has_float64=_has_float64(op))
 
 

@@ -56,3 +56,33 @@ def test_random_support_predicates_reject_values_outside_the_support():
     assert not harness.RANDOM["bernoulli"](torch.tensor([0.5]))
     assert not harness.RANDOM["geometric"](torch.tensor([0.0]))
     assert not harness.RANDOM["randn"](torch.tensor([float("inf")]))
+
+
+def test_partial_view_samples_keep_their_storage():
+    # as_strided.partial_views sample 2 views 10 elements at offset 5 of a
+    # 20-element storage and reads storage elements 10..13: a clone of the
+    # view has no element 13, and torch's own call failed in setStorage.
+    (op,) = harness.find_ops("as_strided.partial_views")[:1]
+    sample = list(harness.samples(op, torch.float32))[2]
+    assert harness._partial_view(sample.input)
+    fn, tensors = harness._as_function(op, sample)
+    assert tensors[0].shape == (sample.input.untyped_storage().nbytes() // 4,)
+    torch.testing.assert_close(fn(tensors[0].clone()), op.op(sample.input, *sample.args, **sample.kwargs))
+    harness.check_sample(op, sample, grad=True)
+    (add,) = harness.find_ops("add")
+    assert not harness._partial_view(next(harness.samples(add, torch.float32)).input)
+
+
+def test_random_samples_are_only_the_dropout_ones_and_must_be_finite():
+    (mha,) = harness.find_ops("nn.functional.multi_head_attention_forward")
+    name = harness.entry_id(mha)
+    found = [harness.draws(name, s) for s in harness.samples(mha, torch.float32)]
+    assert True in found and False in found  # deterministic samples are still compared by value
+    (sdpa,) = harness.find_ops("nn.functional.scaled_dot_product_attention")
+    for s in harness.samples(sdpa, torch.float32):
+        assert harness.draws(harness.entry_id(sdpa), s) == (s.kwargs.get("dropout_p", 0.0) > 0)
+    (add,) = harness.find_ops("add")
+    assert not harness.draws("add", next(harness.samples(add, torch.float32)))
+    support = harness.RANDOM.get(name, harness._finite)
+    assert not support(torch.tensor([1.0, float("nan")]))
+    assert not support(torch.tensor([float("inf")]))
