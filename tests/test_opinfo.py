@@ -5,6 +5,7 @@ a gradient); each loops over the entry's float32 sample inputs and checks them
 with `opinfo_harness.check_sample` (translate, run under `jax.jit`, compare
 with torch eager). The CI sweep takes the first `BRIDGE_OPINFO_SAMPLES`
 (default 1) samples of each entry to fit its time budget;
+`BRIDGE_OPINFO_SAMPLES=all` (`make conformance`) takes every float32 sample;
 `BRIDGE_CONFORMANCE=full` takes every sample, in float32, float64 and the
 complex, integer and bool dtypes the entry supports.
 
@@ -67,6 +68,11 @@ KNOWN: dict[tuple[str, str], tuple[str, str]] = {
         "torch's own OpInfo marks this gradient expectedFailure (TestBwdGradients.test_fn_grad): "
         "torch's backward of as_strided_scatter is not the true derivative",
     ),
+    ("as_strided.partial_views", "both"): (
+        XFAIL,
+        "a view whose as_strided reaches storage outside it (sample 1: memory before the view) "
+        "raises NotImplementedError: the lowering sees only its input, not the base it views",
+    ),
     # Dtypes JAX does not have.
     ("chalf", "both"): (SKIP, "complex32: JAX has no complex32 dtype"),
     # Limitations of torch.export that the bridge reports rather than hides.
@@ -106,8 +112,10 @@ if FULL:  # float64 samples need JAX's 64-bit mode, switched on before any array
 
     jax.config.update("jax_enable_x64", True)
 # The CI sweep checks the first MAX_SAMPLES samples of each entry (its time
-# budget, about 20 minutes on 2 cores, allows no more); the full one, all.
-MAX_SAMPLES = None if FULL else int(os.environ.get("BRIDGE_OPINFO_SAMPLES", "1"))
+# budget, about 20 minutes on 2 cores, allows no more); BRIDGE_OPINFO_SAMPLES=all
+# (make conformance) checks every float32 sample, the full sweep every sample.
+_SAMPLES = os.environ.get("BRIDGE_OPINFO_SAMPLES", "1")
+MAX_SAMPLES = None if FULL or _SAMPLES == "all" else int(_SAMPLES)
 RESULTS = os.environ.get("BRIDGE_OPINFO_RESULTS")
 EXTRA_DTYPES = (torch.float64, torch.complex64, torch.int64, torch.int32, torch.bool)
 

@@ -2,10 +2,12 @@
 
     .venv/bin/python tools/coverage.py                       # run the sweep (pytest -n 2), then write
     .venv/bin/python tools/coverage.py --results r.jsonl     # write from an earlier sweep's results
+    .venv/bin/python tools/coverage.py --results r.jsonl --seconds 5400   # ... and its wall time
     .venv/bin/python tools/coverage.py -- -k "linalg or fft" # pass extra arguments to pytest
 
 The sweep is tests/test_opinfo.py; with BRIDGE_OPINFO_RESULTS set it appends
-one JSON line per test, which this script reads. Pass rates are taken over
+one JSON line per test, which this script reads. BRIDGE_OPINFO_SAMPLES (a
+number, or `all`) says how many float32 samples per entry it ran. Pass rates are taken over
 the OpInfo entries torch itself can export (entries skipped because torch
 rejects or cannot export every sample, or takes sparse inputs, are left out
 of the denominators).
@@ -119,6 +121,22 @@ def _skip_lines(rows: list[dict], mode: str) -> list[str]:
     return [f"  - {mode}, {k}: {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])]
 
 
+def _samples_phrase() -> str:
+    n = os.environ.get("BRIDGE_OPINFO_SAMPLES", "1")
+    return "every float32 sample of each entry" if n == "all" else f"the first {n} float32 sample(s) of each entry"
+
+
+# Per-sample counts a results row carries: checked (passed, failed) and left out, by whose reason.
+SAMPLE_COUNTS = {"passed": "passed", "failed": "failed", "eager": "rejected by torch",
+                 "export": "not exportable", "data_dependent": "data-dependent", "x64": "need x64"}
+
+
+def _sample_totals(rows: list[dict]) -> str:
+    """Samples over all tests (forward and gradient), by outcome."""
+    totals = {k: sum(r.get(k, 0) for r in rows) for k in SAMPLE_COUNTS}
+    return ", ".join(f"{v} {SAMPLE_COUNTS[k]}" for k, v in totals.items())
+
+
 def render(results: dict[tuple[str, str], dict], sweep_seconds: float | None) -> str:
     from torch.testing._internal.common_methods_invocations import op_db
 
@@ -153,8 +171,9 @@ def render(results: dict[tuple[str, str], dict], sweep_seconds: float | None) ->
         "(torch's skips leave the denominators, the others count as not passing):",
         *_skip_lines(fwd, "forward"),
         *_skip_lines(grad, "gradient"),
-        f"- Samples: the first {os.environ.get('BRIDGE_OPINFO_SAMPLES', '1')} float32 sample(s) of "
-        "each entry (`BRIDGE_CONFORMANCE=full` runs every sample and dtype)",
+        f"- Samples: {_samples_phrase()} (`make conformance` runs every float32 sample, "
+        "`BRIDGE_CONFORMANCE=full` every sample and dtype)",
+        f"- Sample totals: {_sample_totals([*fwd, *grad])}",
     ]
     if sweep_seconds is not None:
         out.append(f"- Sweep time: {sweep_seconds / 60:.1f} min (`pytest -n 2`)")
@@ -171,6 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, help="read this results file instead of running the sweep")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "ops.md")
+    parser.add_argument("--seconds", type=float, help="with --results: the wall time that sweep took")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args()
     seconds = None
@@ -178,7 +198,7 @@ def main() -> None:
         results = Path(tempfile.mkdtemp()) / "opinfo.jsonl"
         seconds = run_sweep(results, args.pytest_args)
     else:
-        results = args.results
+        results, seconds = args.results, args.seconds
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(read_results(results), seconds))
     print(f"wrote {args.out}")
