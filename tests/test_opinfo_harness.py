@@ -86,3 +86,15 @@ def test_random_samples_are_only_the_dropout_ones_and_must_be_finite():
     support = harness.RANDOM.get(name, harness._finite)
     assert not support(torch.tensor([1.0, float("nan")]))
     assert not support(torch.tensor([float("inf")]))
+
+
+def test_number_outputs_are_compared_by_value():
+    # broadcast_shapes returns a torch.Size; under jit the bridge returns arrays.
+    leaves = harness._number_leaves(torch.Size([5, 1]))
+    assert [int(t) for t in leaves] == [5, 1]
+    harness._assert_close(jnp.asarray(5), leaves[0], TOL, "out")
+    with pytest.raises(AssertionError):
+        harness._assert_close(jnp.asarray(4), leaves[0], TOL, "out")
+    (op,) = harness.find_ops("broadcast_shapes")
+    for sample in harness.samples(op, torch.float32):
+        harness.check_sample(op, sample)
