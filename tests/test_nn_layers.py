@@ -134,11 +134,7 @@ def outputs(out) -> list:
 
 
 # Bridge bugs the float64 check finds (strict: a fix turns the xfail into a failure).
-FLOAT64_BUGS = {
-    "interpolate-bilinear-aligned": "bilinear align_corners=True computes its source coordinates and "
-    "weights in float32 for a float64 image (bridge/ops/nn.py _source_coords/_linear_taps; torch "
-    "uses double), 2.3e-7 off torch's float64 forward",
-}
+FLOAT64_BUGS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from jax import lax
 
-from bridge.ops.registry import lowering
+from bridge.ops.registry import RefusedByTorchError, lowering
 
 aten = torch.ops.aten
 
@@ -66,6 +66,18 @@ def _empty_or(ctx, i: int, value):
 # --------------------------------------------------------------------------- matmul family
 
 
+def _same_dtype(ctx, *operands) -> None:
+    """torch's matmul kernels refuse operands of different dtypes; so does the bridge."""
+    found = [np.dtype(x.dtype) for x in operands if x is not None and hasattr(x, "dtype")]
+    if len(set(found)) > 1:
+        raise RefusedByTorchError(
+            f"{ctx.node.target} got operands of dtypes {', '.join(d.name for d in found)}; torch "
+            "requires them to be the same (\"mat1 and mat2 must have the same dtype\"). Cast the "
+            "input to the module's dtype (x.astype(...)), or convert the module to the input's "
+            "dtype (module.to(...)) and convert it again."
+        )
+
+
 def _matmul(a, b, dtype):
     """`a @ b` accumulated in float32 for half types, as torch does."""
     if _is_low_float(dtype):
@@ -83,12 +95,14 @@ def _add_scaled(ctx, acc, product, beta, alpha):
 
 @lowering(aten.linear.default)
 def linear(ctx, x, weight, bias=None):
+    _same_dtype(ctx, x, weight, bias)
     y = _matmul(x, weight.T, ctx.dtype)
     return (y if bias is None else y + bias).astype(ctx.dtype)
 
 
 @lowering(aten.mm.default, aten.bmm.default, aten.matmul.default, aten.mv.default)
 def matmul(ctx, a, b):
+    _same_dtype(ctx, a, b)
     return _matmul(a, b, ctx.dtype)
 
 
@@ -99,21 +113,25 @@ def matmul_out_dtype(ctx, a, b, out_dtype):
 
 @lowering(aten.addmm.default, aten.baddbmm.default, aten.addmv.default)
 def addmm(ctx, x, a, b, *, beta=1, alpha=1):
+    _same_dtype(ctx, x, a, b)
     return _add_scaled(ctx, x, _matmul(a, b, ctx.dtype), beta, alpha)
 
 
 @lowering(aten.addbmm.default)
 def addbmm(ctx, x, a, b, *, beta=1, alpha=1):
+    _same_dtype(ctx, x, a, b)
     return _add_scaled(ctx, x, jnp.sum(_matmul(a, b, ctx.dtype), axis=0), beta, alpha)
 
 
 @lowering(aten.dot.default)
 def dot(ctx, a, b):
+    _same_dtype(ctx, a, b)
     return _matmul(a, b, ctx.dtype)
 
 
 @lowering(aten.vdot.default)
 def vdot(ctx, a, b):
+    _same_dtype(ctx, a, b)
     return _matmul(jnp.conj(a), b, ctx.dtype)
 
 
@@ -1081,11 +1099,11 @@ _register_torch_nn_ops()
 # --------------------------------------------------------------------------- interpolation
 
 
-def _scale_value(scale, n: int, o: int) -> np.float32:
-    """torch's compute_scales_value, in float32 as torch computes it."""
+def _scale_value(scale, n: int, o: int, dtype=np.float32):
+    """torch's compute_scales_value, in `dtype` (torch's opmath) as torch computes it."""
     if scale is not None and scale > 0:
-        return np.float32(1.0 / scale)
-    return np.float32(n) / np.float32(o)
+        return dtype(1.0 / scale)
+    return dtype(n) / dtype(o)
 
 
 def _nearest_index(n: int, o: int, scale, exact: bool) -> np.ndarray:
@@ -1099,27 +1117,28 @@ def _nearest_index(n: int, o: int, scale, exact: bool) -> np.ndarray:
     return np.minimum(src.astype(np.int64), n - 1)
 
 
-def _source_coords(n: int, o: int, scale, align_corners: bool) -> np.ndarray:
-    """The input coordinate of each output position, in float32 as torch computes it
-    (area_pixel_compute_source_index, before the linear modes clamp it at 0)."""
+def _source_coords(n: int, o: int, scale, align_corners: bool, dtype=np.float32) -> np.ndarray:
+    """The input coordinate of each output position, in `dtype` as torch computes it
+    (area_pixel_compute_source_index in opmath: double for float64 images, else
+    float; before the linear modes clamp it at 0)."""
     if align_corners:
-        ratio = np.float32(n - 1) / np.float32(o - 1) if o > 1 else np.float32(0)
-        return ratio * np.arange(o, dtype=np.float32)
-    ratio = _scale_value(scale, n, o)
-    return ratio * (np.arange(o, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+        ratio = dtype(n - 1) / dtype(o - 1) if o > 1 else dtype(0)
+        return ratio * np.arange(o, dtype=dtype)
+    ratio = _scale_value(scale, n, o, dtype)
+    return ratio * (np.arange(o, dtype=dtype) + dtype(0.5)) - dtype(0.5)
 
 
-def _linear_taps(n: int, o: int, scale, align_corners: bool):
+def _linear_taps(n: int, o: int, scale, align_corners: bool, dtype=np.float32):
     """(indices, weights) of the two taps per output position (torch's upsample_linear)."""
     if o == n:
-        return [np.arange(o)], [np.ones(o, np.float32)]
-    src = _source_coords(n, o, scale, align_corners)
+        return [np.arange(o)], [np.ones(o, dtype)]
+    src = _source_coords(n, o, scale, align_corners, dtype)
     if not align_corners:
-        src = np.maximum(src, np.float32(0))
+        src = np.maximum(src, dtype(0))
     i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
-    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    lam = np.clip(src - i0.astype(dtype), 0, 1).astype(dtype)
     i1 = i0 + (i0 < n - 1)
-    return [i0, i1], [np.float32(1) - lam, lam]
+    return [i0, i1], [dtype(1) - lam, lam]
 
 
 def _cubic_weights(t, a=-0.75):
@@ -1134,11 +1153,11 @@ def _cubic_weights(t, a=-0.75):
     return [far(t + 1), near(t), near(1 - t), far(2 - t)]
 
 
-def _cubic_taps(n: int, o: int, scale, align_corners: bool):
+def _cubic_taps(n: int, o: int, scale, align_corners: bool, dtype=np.float32):
     """(indices, weights) of the four taps per output position."""
-    src = _source_coords(n, o, scale, align_corners)
+    src = _source_coords(n, o, scale, align_corners, dtype)
     base = np.floor(src)
-    weights = _cubic_weights((src - base).astype(np.float32))
+    weights = _cubic_weights((src - base).astype(dtype))
     base = base.astype(np.int64)
     indices = [np.clip(base + k, 0, n - 1) for k in (-1, 0, 1, 2)]
     return indices, weights
@@ -1190,7 +1209,11 @@ def _upsample_linear(ctx, x, nd, align_corners, scales, cubic=False):
     scales = _scales(nd, scales)
     taps = _cubic_taps if cubic else _linear_taps
     out = ctx.shape[-nd:]
-    return _resampled(_resample(x, out, lambda k, n, o: taps(n, o, scales[k], align_corners)), ctx.dtype)
+    # torch computes coordinates and weights in opmath: double for float64 images
+    coord = np.float64 if x.dtype == jnp.float64 else np.float32
+    return _resampled(
+        _resample(x, out, lambda k, n, o: taps(n, o, scales[k], align_corners, coord)), ctx.dtype
+    )
 
 
 def _antialias_taps(n: int, o: int, scale, align_corners: bool):
