@@ -313,7 +313,18 @@ class _Converted:
 
 
 def _traced(tree: Any) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+    """Whether this call is being traced (its values have no data yet).
+
+    Inputs that are tracers say so; a call inside `jax.jit` on closed-over
+    concrete arrays is traced too, which only JAX's trace state tells.
+    """
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree)):
+        return True
+    try:
+        from jax._src.core import trace_state_clean
+    except ImportError:  # a jax without it: the inputs decide
+        return False
+    return not trace_state_clean()
 
 
 def _expected(named: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

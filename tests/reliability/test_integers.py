@@ -143,6 +143,10 @@ def test_embedding_ids_out_of_range_under_jit_and_vmap_stop_the_program():
     # Only the second example is out of range: the batch fails.
     with pytest.raises(Exception, match="index out of range"):
         jax.block_until_ready(jax.vmap(lambda i: apply(params, i))(jnp.array([[1], [11]])))
+    # Inside jit on closed-over concrete arrays the call is traced too.
+    ids = jnp.array([12, 1])
+    with pytest.raises(Exception, match="index out of range"):
+        jax.block_until_ready(jax.jit(lambda: apply(params, ids))())
     ok = jax.vmap(lambda i: apply(params, i))(jnp.array([[1], [2]]))
     assert ok.shape == (2, 1, 3)
 
