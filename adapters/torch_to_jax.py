@@ -320,11 +320,13 @@ def _traced(tree: Any) -> bool:
     """
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree)):
         return True
-    try:
-        from jax._src.core import trace_state_clean
-    except ImportError:  # a jax without it: the inputs decide
-        return False
-    return not trace_state_clean()
+    return _trace_state_clean is not None and not _trace_state_clean()
+
+
+try:
+    from jax._src.core import trace_state_clean as _trace_state_clean
+except ImportError:  # a jax without it: the inputs alone decide
+    _trace_state_clean = None
 
 
 def _expected(named: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
