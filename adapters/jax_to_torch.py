@@ -694,8 +694,8 @@ class _Tree:
 class _Spec:
     """Everything static about one wrapped JAX callable.
 
-    Passed through torch.compile as a constant (hashed by identity); holds
-    one `_JaxFn` per call signature.
+    Passed through torch.compile as a constant through its weak `handle`;
+    holds one `_JaxFn` per call signature.
     """
 
     def __init__(
@@ -716,6 +716,7 @@ class _Spec:
         self.rng_impl = jax.random.key_impl(jax.random.key(0)) if rng else None
         self._fns: dict[tuple, _JaxFn] = {}
         self.views: _Views = {}
+        self.handle = _SpecHandle(self)
 
     def __eq__(self, other: object) -> bool:
         return self is other
@@ -777,9 +778,39 @@ class _Spec:
         return jfn
 
 
+class _SpecHandle:
+    """A weak reference to a `_Spec`: what torch.compile sees of it.
+
+    torch.compile keeps the constants of a compiled graph for as long as it
+    keeps the graph (dynamo stores compiled functions in this module's
+    globals, past the module they were compiled for); a strong reference there
+    would keep the user's JAX function, and whatever it closes over, alive.
+    """
+
+    __slots__ = ("_ref", "__weakref__")
+
+    def __init__(self, spec: _Spec) -> None:
+        self._ref = weakref.ref(spec)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def spec(self) -> _Spec:
+        spec = self._ref()
+        if spec is None:
+            raise RuntimeError(
+                "bridge.jax_to_torch: this compiled graph calls a module (or torch function) "
+                "that was deleted. Keep the module alive as long as graphs compiled from it run."
+            )
+        return spec
+
+
 @torch._dynamo.nonstrict_trace
 def _call_spec(
-    spec: _Spec,
+    handle: _SpecHandle,
     training: bool,
     params: list[torch.Tensor],
     state: list[torch.Tensor],
@@ -792,13 +823,13 @@ def _call_spec(
     its tracer runs it on fake tensors, where `_run` records the custom op.
     """
     tensors, sig = _split_args(args, kwargs)
-    jfn = spec.jax_fn(sig, training)
+    jfn = handle.spec().jax_fn(sig, training)
     outs = _run(jfn, [*params, *state, *tensors])
     n = jfn.n_primary
     return jax.tree_util.tree_unflatten(jfn.out_def, outs[:n]), outs[n:]
 
 
-torch_pytree.register_constant(_Spec)
+torch_pytree.register_constant(_SpecHandle)
 
 
 # --------------------------------------------------------------------------
@@ -947,7 +978,7 @@ class JaxModule(_Params):
             state_in = [buf.clone() for buf in state]
         else:
             state_in = state
-        out, new_state = _call_spec(self._spec, self.training, params, state_in, args, kwargs)
+        out, new_state = _call_spec(self._spec.handle, self.training, params, state_in, args, kwargs)
         if compiling:
             with torch.no_grad():
                 for buf, new in zip(state, new_state, strict=True):
@@ -1231,7 +1262,7 @@ def jax_to_torch(
 
         @functools.wraps(fn)
         def torch_fn(*args: Any, **kwargs: Any) -> Any:
-            return _call_spec(spec, False, [], [], args, kwargs)[0]
+            return _call_spec(spec.handle, False, [], [], args, kwargs)[0]
 
         return torch_fn
     names, var_kw = _keywords(fn)

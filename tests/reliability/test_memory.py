@@ -130,6 +130,21 @@ def test_dropped_jax_to_torch_function_is_collected():
     )
 
 
+def test_dropped_compiled_jax_to_torch_module_is_collected():
+    # torch.compile keeps a compiled graph (with its constants) in the globals
+    # of the module that defines the compiled forward, past the module it was
+    # compiled for: the graph must hold the JAX function only weakly.
+    payload = _Payload()
+    ref = weakref.ref(payload)
+    m = bridge.jax_to_torch(_apply_closing_over(payload), {"w": jnp.ones(3)})
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    x = torch.ones(3, requires_grad=True)
+    compiled(x).backward()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]
+    del payload, m, compiled
+    assert _collected(ref), "a compiled graph kept the dropped module's JAX function alive"
+
+
 def test_dropped_module_buffers_are_freed():
     # A module built from torch tensors keeps JAX views of them; the views must
     # die with the module (a module-level table of views used to keep integer
