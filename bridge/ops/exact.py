@@ -123,8 +123,11 @@ def power(ctx, x, y, out):
 def from_float(ctx, x, out):
     """A cast from floating point to int64: torch keeps values int32 would saturate."""
     if narrowed(ctx) and jnp.issubdtype(x.dtype, jnp.floating):
-        # Truncation toward zero: values in (INT_MIN - 1, INT_MAX + 1) fit.
-        ok = jnp.isnan(x) | ((x > _INT32.min - 1.0) & (x < _INT32.max + 1.0))
+        # Truncation toward zero: finite values in (INT_MIN - 1, INT_MAX + 1)
+        # fit. NaN and infinities have no integer value in either framework
+        # (C++ leaves the cast undefined; models cast -inf and discard it, as
+        # T5's relative-position buckets do), so they are not an overflow.
+        ok = ~jnp.isfinite(x) | ((x > _INT32.min - 1.0) & (x < _INT32.max + 1.0))
         _require(ctx, ok, "a cast from floating point")
     return out
 

@@ -85,6 +85,9 @@ def test_float_to_int64_cast_out_of_int32_range_raises():
     with pytest.raises(bridge.X64Error):
         f(jnp.array([3e9], jnp.float32))
     np.testing.assert_array_equal(np.asarray(f(jnp.array([3.7, -2e9]))), [3, -2000000000])
+    # -inf cast and then discarded (T5's relative-position buckets) is no overflow
+    g = _fn(lambda t: torch.where(t > 0, t.long(), 0))
+    np.testing.assert_array_equal(np.asarray(g(jnp.array([-jnp.inf, 2.5]))), [0, 2])
 
 
 def test_int64_overflow_under_jit_stops_the_program():
