@@ -98,3 +98,15 @@ def test_number_outputs_are_compared_by_value():
     (op,) = harness.find_ops("broadcast_shapes")
     for sample in harness.samples(op, torch.float32):
         harness.check_sample(op, sample)
+
+
+def test_data_dependent_errors_need_their_text():
+    import test_opinfo
+
+    class UnsupportedOpsError(Exception):
+        pass
+
+    assert test_opinfo._data_dependent(UnsupportedOpsError("aten._local_scalar_dense.default cannot be translated"))
+    assert test_opinfo._data_dependent(UnsupportedOpsError("aten._unique2.default cannot be translated"))
+    assert not test_opinfo._data_dependent(UnsupportedOpsError("aten.tensordot.default cannot be translated"))
+    assert not test_opinfo._data_dependent(ValueError("_local_scalar_dense"))

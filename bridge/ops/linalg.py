@@ -342,9 +342,13 @@ def linalg_matrix_exp(ctx, a):
     their third digit (torch's own float32 kernel as well); computed in
     float64 every entry is the float64 value correctly rounded. JAX's expm
     gives NaN beyond `max_squarings` squarings: allow every squaring the
-    dtype's range can need, so only a true overflow gives inf/NaN.
+    dtype's range can need, so only a true overflow gives inf/NaN. (A JAX
+    without `jax.enable_x64` (0.7) cannot nest float64 in a float32 trace and
+    computes in the input's dtype.)
     """
     wide = _WIDER.get(jnp.dtype(a.dtype), a.dtype)
+    if not hasattr(jax, "enable_x64"):  # JAX 0.7 (the torch_xla environment) cannot nest float64
+        return jsl.expm(a, max_squarings=int(jnp.finfo(a.dtype).maxexp) + 1).astype(ctx.dtype)
     squarings = int(jnp.finfo(wide).maxexp) + 1
     with jax.enable_x64(True):
         value = jsl.expm(lax.stop_gradient(a).astype(wide), max_squarings=squarings).astype(ctx.dtype)
