@@ -79,6 +79,11 @@ _PLATFORMS = frozenset({"cpu", "cuda", "rocm"})
 #: the oldest are dropped and their backward recomputes the forward instead.
 MAX_PENDING_GRAPHS = 256
 
+#: ... and together they keep at most about this many bytes of activations
+#: (saved tensors computed from the differentiated inputs; inputs and weights
+#: are not counted). The newest graph is always kept, whatever its size.
+MAX_PENDING_BYTES = 1 << 30
+
 
 # --------------------------------------------------------------------------
 # Avals and dtypes
@@ -731,6 +736,7 @@ class _Graph:
         self.outputs = outputs  # None where an output does not depend on the leaves
         self.bwd_inputs: Sequence[torch.Tensor] | None = None
         self.owned_by_array = False  # eager: lives as long as the JAX token array
+        self.nbytes = 0  # memory of the tensors it saved (set once the forward ran)
 
     def backward(
         self, xs: Sequence[torch.Tensor], cts: Sequence[torch.Tensor], batched: bool
@@ -761,13 +767,17 @@ class _GraphTable:
         self._graphs: collections.OrderedDict[int, _Graph] = collections.OrderedDict()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self.nbytes = 0
 
     def put(self, graph: _Graph) -> int:
         with self._lock:
             token = next(self._ids) % (2**31 - 1) or next(self._ids)
             self._graphs[token] = graph
-            while len(self._graphs) > MAX_PENDING_GRAPHS:
-                self._graphs.popitem(last=False)
+            self.nbytes += graph.nbytes
+            while len(self._graphs) > MAX_PENDING_GRAPHS or (
+                self.nbytes > MAX_PENDING_BYTES and len(self._graphs) > 1
+            ):
+                self.nbytes -= self._graphs.popitem(last=False)[1].nbytes
             return token
 
     def take(self, token: int) -> _Graph | None:
@@ -775,6 +785,7 @@ class _GraphTable:
             graph = self._graphs.get(token)
             if graph is not None and not graph.owned_by_array:
                 del self._graphs[token]
+                self.nbytes -= graph.nbytes
             return graph
 
     def adopt(self, token: int) -> bool:
@@ -788,7 +799,9 @@ class _GraphTable:
 
     def release(self, token: int) -> None:
         with self._lock:
-            self._graphs.pop(token, None)
+            graph = self._graphs.pop(token, None)
+            if graph is not None:
+                self.nbytes -= graph.nbytes
 
     def __len__(self) -> int:
         return len(self._graphs)
@@ -840,10 +853,14 @@ class _SaveFwd(_Kernel):
         # C++ that Python's collector cannot see, and the graph (inputs, saved
         # activations) would never be freed.
         graph_ref: list[weakref.ref[_Graph]] = []
+        activations: dict[int | None, int] = {}  # storage -> bytes, for the byte budget
 
         def pack(t: torch.Tensor) -> Any:
-            i = by_storage.get(_storage_ptr(t))
+            ptr = _storage_ptr(t)
+            i = by_storage.get(ptr)
             if i is None:
+                if t.grad_fn is not None:  # computed from the inputs (not a weight)
+                    activations[ptr] = t.untyped_storage().nbytes()
                 # Detached: a saved output (tanh, exp, sigmoid save their result)
                 # would otherwise hold its own grad_fn, a cycle through C++ that
                 # keeps the graph alive forever. The backward needs only values
@@ -870,6 +887,7 @@ class _SaveFwd(_Kernel):
             outs = self.base.run(*_splice(xs, self.diff, leaves))
         saved = [outs[j] if outs[j].requires_grad else None for j in self.out_diff]
         graph = _Graph(leaves, saved)
+        graph.nbytes = sum(activations.values())
         graph_ref.append(weakref.ref(graph))
         token = _GRAPHS.put(graph)
         return [*(o.detach() for o in outs), _token_tensor(token, xs)]

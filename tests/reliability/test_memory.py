@@ -214,6 +214,23 @@ def test_callback_dropped_vjp_under_jit_is_bounded():
     assert growth < 16, f"RSS grew {growth:.1f} MiB over 100 jitted vjps with dropped vjp_fn"
 
 
+def test_pending_graphs_are_bounded_in_bytes(monkeypatch):
+    # Graphs waiting for a backward under jit are capped in number and in the
+    # bytes of activations they keep; a trimmed graph's backward recomputes.
+    f = callback.wrap(lambda x: (torch.tanh(x) * x).sum())  # keeps tanh(x): 256 KiB
+    fv = jax.jit(lambda x: jax.vjp(f, x))
+    x = jnp.linspace(-1.0, 1.0, 256 * 256).reshape(256, 256)
+    fv(x)[1](jnp.ones(()))  # compile; its backward consumes its graph
+    assert len(callback._GRAPHS) == 0
+    monkeypatch.setattr(callback, "MAX_PENDING_BYTES", 600_000)
+    pending = [fv(x)[1] for _ in range(5)]
+    assert len(callback._GRAPHS) == 2 and callback._GRAPHS.nbytes == 2 * 256 * 256 * 4
+    expected = jnp.tanh(x) + x * (1 - jnp.tanh(x) ** 2)
+    for vjp_fn in pending:  # three recompute, two use their graph
+        np.testing.assert_allclose(vjp_fn(jnp.ones(()))[0], expected, rtol=1e-5, atol=1e-6)
+    assert len(callback._GRAPHS) == 0 and callback._GRAPHS.nbytes == 0
+
+
 def _live_graphs() -> int:
     gc.collect()
     return sum(isinstance(o, callback._Graph) for o in gc.get_objects())
