@@ -51,8 +51,8 @@ coverage: venv
 
 conformance: venv
 	# Every float32 sample of every entry (hours on 2 cores: run it in the background);
-	# writes docs/ops.md with its totals. BRIDGE_CONFORMANCE=full adds every dtype.
-	BRIDGE_OPINFO_SAMPLES=all $(PY) tools/coverage.py -- $(PYTEST_ARGS)
+	# writes its totals and failures into docs/ops.md. BRIDGE_CONFORMANCE=full adds every dtype.
+	BRIDGE_OPINFO_SAMPLES=all $(PY) tools/coverage.py --conformance -- $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check bridge adapters tests examples benchmarks
