@@ -133,3 +133,17 @@ def test_logcumsumexp_gradient_matches_float64_not_torch_float32():
     _, vjp = jax.vjp(fn, bridge.to_jax(x))
     (got,) = jax.jit(vjp)(bridge.to_jax(ct))
     torch.testing.assert_close(bridge.to_torch(got, copy=True).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_matrix_exp_float64_gradient_with_x64():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    ct = torch.randn(3, 3, generator=gen, dtype=torch.float64)
+    a64 = a.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(torch.linalg.matrix_exp(a64), a64, ct)
+    with jax.enable_x64(True):
+        fn = bridge.torch_to_jax(torch.linalg.matrix_exp, strict=True)
+        value, vjp = jax.vjp(fn, bridge.to_jax(a))
+        (got,) = jax.jit(vjp)(bridge.to_jax(ct))
+        torch.testing.assert_close(bridge.to_torch(value, copy=True), torch.linalg.matrix_exp(a), rtol=1e-7, atol=1e-7)
+        torch.testing.assert_close(bridge.to_torch(got, copy=True), expected, rtol=1e-7, atol=1e-7)

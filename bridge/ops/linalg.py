@@ -347,17 +347,16 @@ def linalg_matrix_exp(ctx, a):
     computes in the input's dtype.)
     """
     wide = _WIDER.get(jnp.dtype(a.dtype), a.dtype)
-    if not hasattr(jax, "enable_x64"):  # JAX 0.7 (the torch_xla environment) cannot nest float64
-        return jsl.expm(a, max_squarings=int(jnp.finfo(a.dtype).maxexp) + 1).astype(ctx.dtype)
-    squarings = int(jnp.finfo(wide).maxexp) + 1
+    narrow = jsl.expm(a, max_squarings=int(jnp.finfo(a.dtype).maxexp) + 1)
+    # JAX 0.7 (the torch_xla environment) cannot nest float64 in a float32 trace.
+    if wide == a.dtype or not hasattr(jax, "enable_x64"):
+        return narrow.astype(ctx.dtype)
     with jax.enable_x64(True):
-        value = jsl.expm(lax.stop_gradient(a).astype(wide), max_squarings=squarings).astype(ctx.dtype)
-    if wide == a.dtype:
-        return value
+        value = jsl.expm(lax.stop_gradient(a).astype(wide), max_squarings=int(jnp.finfo(wide).maxexp) + 1)
+        value = value.astype(ctx.dtype)
     # The derivative is JAX's, of the same algorithm in the input's dtype: a
     # float64 computation cannot be transposed once x64 is off again (the
     # backward pass runs outside this trace). It adds exactly zero to the value.
-    narrow = jsl.expm(a, max_squarings=int(jnp.finfo(a.dtype).maxexp) + 1)
     return value + jnp.where(jnp.isfinite(narrow), narrow - lax.stop_gradient(narrow), 0)
 
 
