@@ -141,6 +141,8 @@ def _cases() -> Iterator:
 
 def _origin(exc: BaseException) -> str:
     """'eager' if torch's own call raised, 'export' if torch.export did, else 'bridge'."""
+    if type(exc).__name__ == "CaptureError" and exc.__cause__ is not None:
+        exc = exc.__cause__  # the bridge's clear error for what torch.export raised
     frames = traceback.extract_tb(exc.__traceback__)
     if any(f.name == "_mutated" for f in frames):
         return "eager"  # torch's own call, made to find the inputs the op writes into
