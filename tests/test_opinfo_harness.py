@@ -110,3 +110,16 @@ def test_data_dependent_errors_need_their_text():
     assert test_opinfo._data_dependent(UnsupportedOpsError("aten._unique2.default cannot be translated"))
     assert not test_opinfo._data_dependent(UnsupportedOpsError("aten.tensordot.default cannot be translated"))
     assert not test_opinfo._data_dependent(ValueError("_local_scalar_dense"))
+
+
+def test_torchs_own_gradient_refusal_is_torchs_and_nothing_else():
+    import test_opinfo
+
+    (op,) = harness.find_ops("scatter")
+    sample = next(s for s in harness.samples(op, torch.float32) if s.kwargs.get("reduce"))
+    with pytest.raises(RuntimeError, match="derivative for aten::scatter is not implemented") as info:
+        harness.check_sample(op, sample, grad=True)
+    assert test_opinfo._origin(info.value) == "eager"
+    with pytest.raises(AssertionError) as wrong:  # a wrong gradient is the bridge's, wherever it is found
+        harness._assert_close(jnp.ones(3), torch.zeros(3), harness.GRAD_TOL, "grad of input 0")
+    assert test_opinfo._origin(wrong.value) == "bridge"
