@@ -121,10 +121,20 @@ RANDOM_GRADIENTS = {"nn.functional.fractional_max_pool2d", "nn.functional.fracti
 # with p > 0): entry -> which samples. Those samples are checked like RANDOM
 # entries (key, shape, dtype, finite values; gradients shape and dtype); the
 # entry's other samples are compared value for value.
+def _dropout(s) -> bool:
+    """F.dropout and kin: random for 0 < p < 1 in training (p = 1 zeroes everything)."""
+    return bool(s.kwargs.get("training", True)) and 0 < s.kwargs.get("p", 0.5) < 1
+
+
 RANDOM_SAMPLES = {
     "nn.functional.multi_head_attention_forward": lambda s: bool(s.kwargs.get("training", True))
     and s.args[9] > 0,  # args: key, value, embed_dim, num_heads, in_proj w/b, bias_k/v, add_zero_attn, dropout_p
     "nn.functional.scaled_dot_product_attention": lambda s: s.kwargs.get("dropout_p", 0.0) > 0,
+    "nn.functional.dropout": _dropout,
+    "nn.functional.dropout2d": _dropout,
+    "nn.functional.dropout3d": _dropout,
+    "nn.functional.alpha_dropout": _dropout,
+    "nn.functional.feature_alpha_dropout.with_train": _dropout,
 }
 
 

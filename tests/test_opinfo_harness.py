@@ -81,6 +81,9 @@ def test_random_samples_are_only_the_dropout_ones_and_must_be_finite():
     (sdpa,) = harness.find_ops("nn.functional.scaled_dot_product_attention")
     for s in harness.samples(sdpa, torch.float32):
         assert harness.draws(harness.entry_id(sdpa), s) == (s.kwargs.get("dropout_p", 0.0) > 0)
+    (dropout,) = harness.find_ops("nn.functional.dropout")
+    for s in harness.samples(dropout, torch.float32):
+        assert harness.draws("nn.functional.dropout", s) == (s.kwargs["training"] and s.kwargs["p"] == 0.5)
     (add,) = harness.find_ops("add")
     assert not harness.draws("add", next(harness.samples(add, torch.float32)))
     support = harness.RANDOM.get(name, harness._finite)
