@@ -83,7 +83,9 @@ def test_random_samples_are_only_the_dropout_ones_and_must_be_finite():
         assert harness.draws(harness.entry_id(sdpa), s) == (s.kwargs.get("dropout_p", 0.0) > 0)
     (dropout,) = harness.find_ops("nn.functional.dropout")
     for s in harness.samples(dropout, torch.float32):
-        assert harness.draws("nn.functional.dropout", s) == (s.kwargs["training"] and s.kwargs["p"] == 0.5)
+        expected = s.kwargs.get("training", True) and 0 < s.kwargs.get("p", 0.5) < 1
+        assert harness.draws("nn.functional.dropout", s) == expected
+    assert {harness.draws("nn.functional.dropout", s) for s in harness.samples(dropout, torch.float32)} == {True, False}
     (add,) = harness.find_ops("add")
     assert not harness.draws("add", next(harness.samples(add, torch.float32)))
     support = harness.RANDOM.get(name, harness._finite)
