@@ -296,6 +296,8 @@ def _assert_close(got: Any, expected: torch.Tensor, tol: dict, what: str, refere
 
 def _gauge(t: torch.Tensor) -> torch.Tensor:
     """Eigenvector columns rotated so each column's largest entry is real positive."""
+    if t.shape[-2] == 0:  # 0x0 matrices: no entries to align
+        return t
     idx = t.abs().argmax(dim=-2, keepdim=True)
     pivot = torch.gather(t, -2, idx)
     phase = pivot / pivot.abs().clamp_min(torch.finfo(t.real.dtype).tiny)

@@ -155,7 +155,8 @@ def _origin(exc: BaseException) -> str:
             return "eager"  # torch's own call with inputs that require grad (scatter with reduce=)
         if outer.name in ("capture", "_export") and inner.name == "export" and "torch/export" in inner.filename:
             return "export"
-    if type(exc).__name__ in ("DynamicOutputShapeException", "DataDependentOutputException"):
+    # CaptureError: the bridge's wrapper of a torch.export failure (capture.py)
+    if type(exc).__name__ in ("DynamicOutputShapeException", "DataDependentOutputException", "CaptureError"):
         return "export"
     return "bridge"
 

@@ -128,3 +128,13 @@ def test_torchs_own_gradient_refusal_is_torchs_and_nothing_else():
     with pytest.raises(AssertionError) as wrong:  # a wrong gradient is the bridge's, wherever it is found
         harness._assert_close(jnp.ones(3), torch.zeros(3), harness.GRAD_TOL, "grad of input 0")
     assert test_opinfo._origin(wrong.value) == "bridge"
+
+
+def test_empty_eigenvectors_and_capture_errors():
+    import test_opinfo
+
+    from bridge.capture import CaptureError
+
+    assert harness._gauge(torch.zeros(2, 0, 0)).shape == (2, 0, 0)
+    assert test_opinfo._origin(CaptureError("torch.export cannot capture this code")) == "export"
+    assert test_opinfo._origin(RuntimeError("torch.export cannot capture this code")) == "bridge"
