@@ -182,6 +182,7 @@ def trilinear(ctx, i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1):
 @lowering(aten.tensordot.default)
 def tensordot(ctx, a, b, dims_a, dims_b):
     """torch contracts a size-1 dim against any size: the other side's dim is summed first."""
+    _same_dtype(ctx, a, b)
     a, b = a.astype(ctx.dtype), b.astype(ctx.dtype)
     axes = ([d % a.ndim for d in dims_a], [d % b.ndim for d in dims_b])
     for da, db in zip(*axes, strict=True):
@@ -1436,13 +1437,14 @@ def _cdist(x1, x2, p, compute_mode):
     p1, p2 = x1.shape[-2], x2.shape[-2]
     mode = 0 if compute_mode is None else compute_mode
     if p == 2 and (mode == 1 or (mode == 0 and (p1 > 25 or p2 > 25))):
-        # torch's matmul form: |a|^2 + |b|^2 - 2 a.b, clamped at 0.
-        sq = (
-            jnp.sum(jnp.square(x1), -1)[..., :, None]
-            + jnp.sum(jnp.square(x2), -1)[..., None, :]
-            - 2 * jnp.matmul(x1, jnp.swapaxes(x2, -1, -2))
-        )
-        sq = jnp.maximum(sq, 0)
+        # torch's matmul form (_euclidean_dist): one product of augmented rows
+        # [-2a, |a|^2, 1] . [b, 1, |b|^2], so the cancellation happens inside
+        # the same sum as torch's; clamped at 0.
+        n1 = jnp.sum(jnp.square(x1), -1, keepdims=True)
+        n2 = jnp.sum(jnp.square(x2), -1, keepdims=True)
+        a = jnp.concatenate([-2 * x1, n1, jnp.ones_like(n1)], axis=-1)
+        b = jnp.concatenate([x2, jnp.ones_like(n2), n2], axis=-1)
+        sq = jnp.maximum(jnp.matmul(a, jnp.swapaxes(b, -1, -2)), 0)
         positive = sq > 0
         return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1)), 0)
     return _safe_norm(x1[..., :, None, :] - x2[..., None, :, :], p)

@@ -54,6 +54,16 @@ def test_inputs_of_a_dtype_torch_refuses_are_refused(dtype):
         apply(params, jnp.ones((3, 4), dtype))
 
 
+def test_tensordot_of_mixed_dtypes_is_refused_like_torch():
+    a, b = torch.ones(2, 3), torch.ones(3, 2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        torch.tensordot(a, b, dims=1)
+    f = bridge.torch_to_jax(lambda x, y: torch.tensordot(x, y, dims=1))
+    # torch's meta function refuses it at capture, as its kernel does at run time
+    with pytest.raises((RefusedByTorchError, RuntimeError), match="same"):
+        f(bridge.to_jax(a), bridge.to_jax(b))
+
+
 def test_a_module_converted_to_bfloat16_computes_in_bfloat16_like_torch():
     layer = torch.nn.Linear(4, 2).to(torch.bfloat16)
     apply, params = bridge.torch_to_jax(layer)
