@@ -4,7 +4,7 @@
 #   make test-xla    torch_xla environment + the tests marked `xla`
 #   make bench       .venv + benchmarks/
 #   make coverage    regenerate docs/ops.md from the OpInfo sweep
-#   make conformance the OpInfo sweep (BRIDGE_CONFORMANCE=full: every dtype)
+#   make conformance the OpInfo sweep over every float32 sample (hours; BRIDGE_CONFORMANCE=full: every dtype)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
