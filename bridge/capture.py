@@ -181,13 +181,11 @@ def _module_preserved(module: torch.nn.Module):
     try:
         yield
     finally:
-        for m, params, buffers, training in saved:
-            if m._parameters != params or any(m._parameters[k] is not v for k, v in params.items()):
-                m._parameters.clear()
-                m._parameters.update(params)
-            if m._buffers != buffers or any(m._buffers[k] is not v for k, v in buffers.items()):
-                m._buffers.clear()
-                m._buffers.update(buffers)
+        for m, params, buffers, training in saved:  # restoring unchanged entries is a no-op
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
             m.training = training
 
 
