@@ -27,8 +27,9 @@ import torch.utils._pytree as torch_pytree
 from bridge import capture as capture_lib
 from bridge import checks as checks_lib
 from bridge import dtypes, interpreter
-from bridge.dlpack import _map_tree, to_jax
+from bridge.dlpack import to_jax
 from bridge.ops.registry import MissingKeyError
+from bridge.tree import map_tree
 
 __all__ = ["MissingKeyError", "torch_to_jax", "torch_to_jax_with_state"]
 
@@ -402,5 +403,5 @@ def _unflatten_outputs(leaves: list[Any], out_spec: Any) -> Any:
     placeholders = [torch.empty(0) for _ in leaves]
     slot = {id(t): i for i, t in enumerate(placeholders)}
     skeleton = torch_pytree.tree_unflatten(placeholders, out_spec)
-    return _map_tree(skeleton, lambda t: leaves[slot[id(t)]], lambda x: isinstance(x, torch.Tensor), "jax")
+    return map_tree(skeleton, lambda t: leaves[slot[id(t)]], lambda x: isinstance(x, torch.Tensor), "jax")
 

@@ -54,6 +54,7 @@ from jax._src.interpreters import partial_eval as pe
 from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
 
 from bridge import dlpack, dtypes
+from bridge.tree import register_jax_pytree
 
 try:  # jax >= 0.7 on CPU and GPU
     from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
@@ -320,7 +321,7 @@ def _register_dataclass_nodes(spec: Any) -> None:
     while stack:
         s = stack.pop()
         if s.type is not None and dataclasses.is_dataclass(s.type):
-            dlpack.register_jax_pytree(s.type)
+            register_jax_pytree(s.type)
         stack.extend(s.children() if hasattr(s, "children") else s.children_specs)
 
 

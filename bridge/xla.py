@@ -272,7 +272,8 @@ def to_xla(tree: Any, *, copy: bool | None = None, device: torch.device | str | 
     Returns:
         The same structure with XLA-device tensors in place of arrays/tensors.
     """
-    from bridge.dlpack import SharingError, _map_tree
+    from bridge.dlpack import SharingError
+    from bridge.tree import map_tree
 
     _require()
     dev = torch.device(device) if device is not None else xla_device()
@@ -289,7 +290,7 @@ def to_xla(tree: Any, *, copy: bool | None = None, device: torch.device | str | 
             )
         return x.to(dev)
 
-    return _map_tree(tree, leaf, lambda x: isinstance(x, (jax.Array, torch.Tensor)), "torch")
+    return map_tree(tree, leaf, lambda x: isinstance(x, (jax.Array, torch.Tensor)), "torch")
 
 
 # --------------------------------------------------------------------------
