@@ -34,10 +34,6 @@ from bridge.ops import LOWERINGS
 _PREFIX = "m."
 _MAX_DECOMPOSITION_ROUNDS = 8
 
-#: How many times `capture` ran; tests use it to prove that calls with the
-#: same signature reuse the cached graph.
-capture_count = 0
-
 # torch.export is not re-entrant: two captures at once (threads calling
 # converted functions for the first time) corrupt its global tracing state
 # and can leave fake tensors in the user's module. One capture at a time.
@@ -141,8 +137,6 @@ def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured
 
 
 def _capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured:
-    global capture_count
-    capture_count += 1
     array_pos = [i for i, leaf in enumerate(sig.leaves) if isinstance(leaf, Leaf)]
     # Example inputs live where the module's parameters do (e.g. an XLA device).
     device = next((p.device for p in module.parameters()), None)
