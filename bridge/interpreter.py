@@ -67,12 +67,9 @@ _OWN_FILES = (f"{os.sep}bridge{os.sep}", f"{os.sep}adapters{os.sep}")
 def describe_node(node: torch.fx.Node) -> str:
     """`aten.op.overload` with the module path and source line that made it."""
     where = []
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        path = path.removeprefix("L['self'].").removeprefix("m.").removeprefix("L__self___")
-        if path and path not in ("L['self']", "m"):
-            where.append(f"in module '{path}'")
+    path = module_path(node)
+    if path:
+        where.append(f"in module '{path}'")
     trace = node.meta.get("stack_trace")
     if trace:
         lines = [ln.strip() for ln in trace.strip().splitlines()]
@@ -86,6 +83,26 @@ def describe_node(node: torch.fx.Node) -> str:
             code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
             where.append(f"at {frame}" + (f": {code}" if code else ""))
     return f"{node_op(node)}" + (f" ({', '.join(where)})" if where else "")
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The dotted path of the submodule whose forward made `node` ('' at the top level)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = path.removeprefix("L['self'].").removeprefix("m.").removeprefix("L__self___")
+    return "" if path in ("L['self']", "m") else path
+
+
+def node_scope(node: torch.fx.Node) -> str:
+    """The JAX name scope a node's operations are traced under: `a/b/c/<node name>`.
+
+    The module path becomes nested scopes, so profiles and HLO metadata show
+    torch's module tree, and the last part is the graph node's unique name.
+    """
+    path = module_path(node)
+    return "/".join([*path.split("."), node.name]) if path else node.name
 
 
 def unsupported_error(nodes: Sequence[torch.fx.Node]) -> UnsupportedOpsError:
@@ -235,7 +252,8 @@ def run(
                     raise unsupported_error([node])
                 lower = fallback(node)
             ctx = LoweringContext(node, val, rng, index, checks)
-            out = _lower(node, lower, ctx, args, kwargs, fallback, checks)
+            with jax.named_scope(node_scope(node)):
+                out = _lower(node, lower, ctx, args, kwargs, fallback, checks)
             _check(node, out, val)
             if node.target is _with_effects:
                 out = (effect_token, *out) if isinstance(out, (tuple, list)) else (effect_token, out)
