@@ -86,10 +86,10 @@ def test_hash_tensor_keeps_subnormals(dtype):
 
 def test_hash_tensor_subnormal_words():
     # The float64 bits of float32 values, computed without converting (x64-free).
-    from bridge.ops.reductions import _float_words
+    from bridge.ops.reductions import float_words
 
     x = np.array([1e-40, -7.1e-42, 1e-45, 1.1754942e-38, 123.456, 0.0, -np.inf, np.nan], np.float32)
-    high, low = _float_words(jax.numpy.asarray(x))
+    high, low = float_words(jax.numpy.asarray(x))
     got = (np.asarray(high).astype(np.uint64) << np.uint64(32)) | np.asarray(low).astype(np.uint64)
     expected = x.astype(np.float64).view(np.uint64)
     assert [hex(v) for v in got] == [hex(v) for v in expected]

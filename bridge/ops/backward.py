@@ -7,8 +7,8 @@ these ops directly (core ATen includes them) translate too.
 Each follows its ATen schema: `output_mask` selects which gradients torch
 computes, and a gradient it does not compute is `None` (torch's undefined
 tensor). The linear ones (convolution, pooling) are the VJPs of the forward
-lowerings in `bridge.ops.nn`; the normalisations use torch's closed forms with
-the saved `mean`/`rstd`, as torch's kernels do.
+lowerings in `bridge.ops.conv` and `bridge.ops.pooling`; the normalisations
+use torch's closed forms with the saved `mean`/`rstd`, as torch's kernels do.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import torch
 
-from bridge.ops import nn
+from bridge.ops.conv import convolve
+from bridge.ops.operands import accumulation_dtype
+from bridge.ops.pooling import adaptive_average_pool, average_pool
 from bridge.ops.registry import lowering
 
 aten = torch.ops.aten
@@ -47,14 +49,14 @@ def convolution_backward(
     if output_mask[0] or output_mask[1]:
 
         def forward(inp, w):
-            return nn._conv(dtype, inp, w, None, stride, padding, dilation, transposed, output_padding, groups)
+            return convolve(dtype, inp, w, None, stride, padding, dilation, transposed, output_padding, groups)
 
         _, vjp = jax.vjp(forward, x.astype(dtype), weight.astype(dtype))
         grad_input, grad_weight = vjp(grad_output.astype(dtype))
     if output_mask[2]:
         channel = 1 if grad_output.ndim == weight.ndim else 0  # unbatched: channels first
         axes = tuple(a for a in range(grad_output.ndim) if a != channel)
-        grad_bias = jnp.sum(grad_output.astype(nn._acc(grad_output.dtype)), axis=axes)
+        grad_bias = jnp.sum(grad_output.astype(accumulation_dtype(grad_output.dtype)), axis=axes)
     return _masked(ctx, output_mask, (grad_input, grad_weight, grad_bias))
 
 
@@ -73,7 +75,7 @@ def native_layer_norm_backward(ctx, grad_out, x, normalized_shape, mean, rstd, w
     k = len(normalized_shape)
     batch = x.shape[: x.ndim - k]
     stats_shape = batch + (1,) * k
-    acc = nn._acc(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     g = grad_out.astype(acc)
     mean = jnp.reshape(mean, stats_shape).astype(acc)
     rstd = jnp.reshape(rstd, stats_shape).astype(acc)
@@ -93,7 +95,7 @@ def native_layer_norm_backward(ctx, grad_out, x, normalized_shape, mean, rstd, w
 
 @lowering(aten.native_group_norm_backward.default)
 def native_group_norm_backward(ctx, grad_out, x, mean, rstd, weight, n, c, hxw, group, output_mask):
-    acc = nn._acc(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     grouped = (n, group, c // group, hxw)
     g = jnp.reshape(grad_out, grouped).astype(acc)
     mean = jnp.reshape(mean, (n, group, 1, 1)).astype(acc)
@@ -121,7 +123,7 @@ def avg_pool2d_backward(
     ctx, grad_output, x, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
 ):
     def forward(inp):
-        return nn._avg_pool(
+        return average_pool(
             inp, grad_output.shape, x.dtype, kernel_size, stride, padding, count_include_pad, divisor_override
         )
 
@@ -131,7 +133,7 @@ def avg_pool2d_backward(
 @lowering(aten._adaptive_avg_pool2d_backward.default)
 def adaptive_avg_pool2d_backward(ctx, grad_output, x):
     def forward(inp):
-        return nn._adaptive_avg_pool(inp, grad_output.shape, x.dtype, 2)
+        return adaptive_average_pool(inp, grad_output.shape, x.dtype, 2)
 
     return _pool_vjp(forward, grad_output, x).astype(ctx.dtype)
 
@@ -145,6 +147,6 @@ def max_pool2d_with_indices_backward(
     planes, size = math.prod(lead), x.shape[-2] * x.shape[-1]
     idx = jnp.reshape(indices, (planes, -1)).astype(jnp.int32)
     idx = idx + (jnp.arange(planes, dtype=jnp.int32) * size)[:, None]
-    g = jnp.reshape(grad_output, (planes, -1)).astype(nn._acc(grad_output.dtype))
+    g = jnp.reshape(grad_output, (planes, -1)).astype(accumulation_dtype(grad_output.dtype))
     out = jnp.zeros((planes * size,), g.dtype).at[idx.reshape(-1)].add(g.reshape(-1), mode="drop")
     return out.reshape(x.shape).astype(ctx.dtype)

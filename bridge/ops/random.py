@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import torch
 from jax import lax
 
+from bridge.ops.families import register
 from bridge.ops.registry import lowering
 
 aten = torch.ops.aten
@@ -81,24 +82,19 @@ def _dropout(ctx, x, p, train, *, feature: bool, alpha: bool):
     return (x * (keep / (1.0 - p))).astype(ctx.dtype)
 
 
-@lowering(aten.dropout.default)
-def dropout(ctx, x, p, train):
-    return _dropout(ctx, x, p, train, feature=False, alpha=False)
+def _dropout_variant(op, *, feature: bool, alpha: bool):
+    """Register `op(x, p, train)` as the `_dropout` variant it names."""
+
+    def lower(ctx, x, p, train):
+        return _dropout(ctx, x, p, train, feature=feature, alpha=alpha)
+
+    register(op, lower)
 
 
-@lowering(aten.feature_dropout.default)
-def feature_dropout(ctx, x, p, train):
-    return _dropout(ctx, x, p, train, feature=True, alpha=False)
-
-
-@lowering(aten.alpha_dropout.default)
-def alpha_dropout(ctx, x, p, train):
-    return _dropout(ctx, x, p, train, feature=False, alpha=True)
-
-
-@lowering(aten.feature_alpha_dropout.default)
-def feature_alpha_dropout(ctx, x, p, train):
-    return _dropout(ctx, x, p, train, feature=True, alpha=True)
+_dropout_variant(aten.dropout.default, feature=False, alpha=False)
+_dropout_variant(aten.feature_dropout.default, feature=True, alpha=False)
+_dropout_variant(aten.alpha_dropout.default, feature=False, alpha=True)
+_dropout_variant(aten.feature_alpha_dropout.default, feature=True, alpha=True)
 
 
 # --------------------------------------------------------------------------- bernoulli

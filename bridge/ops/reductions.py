@@ -1,8 +1,9 @@
-"""Reduction ATen ops: sum, mean, var, min/max, norms, cumulative ops, sort and selection.
+"""Reduction ATen ops: sum, mean, var, min/max, norms, cumulative ops, hash_tensor.
 
-Ops that return indices (max.dim, sort, topk, cummax, median, ...) compute the
-indices first and gather the values through them, so the gradient reaches
-exactly the element torch's backward scatters into.
+Ops that return indices (max.dim, cummax, ...) compute the indices first and
+gather the values through them, so the gradient reaches exactly the element
+torch's backward scatters into. Sorting and selection (sort, topk, median,
+...) are in `sorting.py`, histograms in `histograms.py`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import torch
 from jax import lax
 
 from bridge.ops import exact
-from bridge.ops.creation import linspace_values
-from bridge.ops.elementwise import true_divide
 from bridge.ops.registry import lowering
 
 aten = torch.ops.aten
@@ -31,7 +30,7 @@ def _dims(x, dim) -> tuple[int, ...]:
     return tuple(sorted({d % max(x.ndim, 1) for d in dims})) if x.ndim else ()
 
 
-def _axis(x, dim: int) -> int | None:
+def axis_of(x, dim: int) -> int | None:
     """A single `dim` as an axis; None for a 0-d tensor (which torch lets any dim 0/-1 reduce)."""
     return dim % x.ndim if x.ndim else None
 
@@ -40,14 +39,14 @@ def _size(x, dims) -> int:
     return math.prod(x.shape[d] for d in dims)
 
 
-def _gather(x, indices, axis):
+def gather_along(x, indices, axis):
     """Values at `indices` along `axis` (differentiable with respect to `x`)."""
     if axis is None:
         return x
     return jnp.take_along_axis(x, indices, axis=axis)
 
 
-def _unkeep(x, axis, keepdim):
+def unkeep(x, axis, keepdim):
     return x if keepdim or axis is None else jnp.squeeze(x, axis)
 
 
@@ -185,7 +184,7 @@ def _arg_reduce(find, ctx, x, dim, keepdim):
     if dim is None:
         index = find(jnp.ravel(x), axis=0)
         return jnp.reshape(index, ctx.shape).astype(ctx.dtype)
-    axis = _axis(x, dim)
+    axis = axis_of(x, dim)
     if axis is None:
         return jnp.zeros(ctx.shape, ctx.dtype)
     return find(x, axis=axis, keepdims=keepdim).astype(ctx.dtype)
@@ -202,12 +201,12 @@ def argmin(ctx, x, dim=None, keepdim=False):
 
 
 def _value_and_index(find, ctx, x, dim, keepdim):
-    axis = _axis(x, dim)
+    axis = axis_of(x, dim)
     if axis is None:
         return x, jnp.zeros((), ctx.dtype_of(1))
     index = find(x, axis=axis, keepdims=True).astype(ctx.dtype_of(1))
-    value = _gather(x, index, axis)
-    return _unkeep(value, axis, keepdim), _unkeep(index, axis, keepdim)
+    value = gather_along(x, index, axis)
+    return unkeep(value, axis, keepdim), unkeep(index, axis, keepdim)
 
 
 @lowering(aten.max.dim)
@@ -297,7 +296,7 @@ def dist(ctx, x, other, p=2):
 
 @lowering(aten.cumsum.default)
 def cumsum(ctx, x, dim, *, dtype=None):
-    axis = _axis(x, dim)
+    axis = axis_of(x, dim)
     if axis is None:
         return x.astype(ctx.dtype)
     return exact.cumsum(ctx, x, axis, jnp.cumsum(x.astype(ctx.dtype), axis=axis))
@@ -305,21 +304,21 @@ def cumsum(ctx, x, dim, *, dtype=None):
 
 @lowering(aten.cumprod.default)
 def cumprod(ctx, x, dim, *, dtype=None):
-    axis = _axis(x, dim)
+    axis = axis_of(x, dim)
     x = x.astype(ctx.dtype)
     return x if axis is None else exact.cumprod(ctx, x, axis, jnp.cumprod(x, axis=axis))
 
 
 @lowering(aten.logcumsumexp.default)
 def logcumsumexp(ctx, x, dim):
-    axis = _axis(x, dim)
+    axis = axis_of(x, dim)
     x = x.astype(ctx.dtype)
     return x if axis is None or x.shape[axis] == 0 else lax.cumlogsumexp(x, axis=axis)
 
 
 def _cumulative_extreme(ctx, x, dim, later_wins):
     """cummax/cummin: running extreme and the last index where it occurs (NaN beats everything)."""
-    axis = _axis(x, dim)
+    axis = axis_of(x, dim)
     if axis is None:
         return x, jnp.zeros((), ctx.dtype_of(1))
     if x.shape[axis] == 0:
@@ -333,7 +332,7 @@ def _cumulative_extreme(ctx, x, dim, later_wins):
         return jnp.where(take_b, b[0], a[0]), jnp.where(take_b, b[1], a[1])
 
     _, indices = lax.associative_scan(combine, (lax.stop_gradient(x), positions), axis=axis)
-    return _gather(x, indices, axis), indices
+    return gather_along(x, indices, axis), indices
 
 
 @lowering(aten.cummax.default)
@@ -346,272 +345,10 @@ def cummin(ctx, x, dim):
     return _cumulative_extreme(ctx, x, dim, jnp.less_equal)
 
 
-# -- sorting and selection ---------------------------------------------------------------------
-
-
-def _argsort(x, axis, descending):
-    """Stable sort indices along `axis`, NaN largest (torch's order); ties keep their order."""
-    n = x.shape[axis]
-    if descending:
-        x = jnp.flip(x, axis)
-    positions = lax.broadcasted_iota(jnp.int32, x.shape, axis)
-    _, order = lax.sort((x, positions), dimension=axis, is_stable=True, num_keys=1)
-    if descending:
-        order = n - 1 - jnp.flip(order, axis)
-    return order
-
-
-def _sort(ctx, x, dim, descending):
-    axis = _axis(x, dim)
-    if axis is None:
-        return x, jnp.zeros((), ctx.dtype_of(1))
-    order = _argsort(lax.stop_gradient(x), axis, descending)
-    return _gather(x, order, axis), order.astype(ctx.dtype_of(1))
-
-
-@lowering(aten.sort.default)
-def sort(ctx, x, dim=-1, descending=False):
-    return _sort(ctx, x, dim, descending)
-
-
-@lowering(aten.sort.stable)
-def sort_stable(ctx, x, *, stable=None, dim=-1, descending=False):
-    return _sort(ctx, x, dim, descending)
-
-
-@lowering(aten.argsort.default)
-def argsort(ctx, x, dim=-1, descending=False):
-    axis = _axis(x, dim)
-    if axis is None:
-        return jnp.zeros((), ctx.dtype)
-    return _argsort(x, axis, descending).astype(ctx.dtype)
-
-
-@lowering(aten.argsort.stable)
-def argsort_stable(ctx, x, *, stable, dim=-1, descending=False):
-    return argsort(ctx, x, dim, descending)
-
-
-@lowering(aten.topk.default)
-def topk(ctx, x, k, dim=-1, largest=True, sorted=True):
-    axis = _axis(x, dim)
-    if axis is None:
-        return x, jnp.zeros((), ctx.dtype_of(1))
-    order = _argsort(lax.stop_gradient(x), axis, descending=largest)
-    order = lax.slice_in_dim(order, 0, k, axis=axis)
-    return _gather(x, order, axis), order.astype(ctx.dtype_of(1))
-
-
-@lowering(aten.kthvalue.default)
-def kthvalue(ctx, x, k, dim=-1, keepdim=False):
-    axis = _axis(x, dim)
-    if axis is None:
-        return x, jnp.zeros((), ctx.dtype_of(1))
-    order = lax.slice_in_dim(_argsort(lax.stop_gradient(x), axis, False), k - 1, k, axis=axis)
-    return _unkeep(_gather(x, order, axis), axis, keepdim), _unkeep(order, axis, keepdim).astype(ctx.dtype_of(1))
-
-
-def _median_position(x, axis, ignore_nan):
-    """Position, in ascending sorted order along `axis`, of torch's (lower) median."""
-    n = x.shape[axis]
-    nans = jnp.sum(jnp.isnan(x), axis=axis, keepdims=True) if jnp.issubdtype(x.dtype, jnp.inexact) else 0
-    if ignore_nan:
-        return jnp.maximum((n - nans - 1) // 2, 0) * jnp.ones_like(nans)
-    return jnp.where(nans > 0, n - nans, (n - 1) // 2)
-
-
-def _median_dim(x, dim, keepdim, ignore_nan, index_dtype=jnp.int32):
-    axis = _axis(x, dim)
-    if axis is None:
-        return x, jnp.zeros((), index_dtype)
-    order = _argsort(lax.stop_gradient(x), axis, False)
-    position = _median_position(lax.stop_gradient(x), axis, ignore_nan)
-    index = jnp.take_along_axis(order, jnp.asarray(position, order.dtype), axis=axis)
-    return _unkeep(_gather(x, index, axis), axis, keepdim), _unkeep(index, axis, keepdim).astype(index_dtype)
-
-
-@lowering(aten.median.dim)
-def median_dim(ctx, x, dim, keepdim=False):
-    return _median_dim(x, dim, keepdim, ignore_nan=False, index_dtype=ctx.dtype_of(1))
-
-
-@lowering(aten.nanmedian.dim)
-def nanmedian_dim(ctx, x, dim, keepdim=False):
-    return _median_dim(x, dim, keepdim, ignore_nan=True, index_dtype=ctx.dtype_of(1))
-
-
-@lowering(aten.median.default)
-def median(ctx, x):
-    return jnp.reshape(_median_dim(jnp.ravel(x), 0, False, ignore_nan=False)[0], ())
-
-
-@lowering(aten.nanmedian.default)
-def nanmedian(ctx, x):
-    return jnp.reshape(_median_dim(jnp.ravel(x), 0, False, ignore_nan=True)[0], ())
-
-
-@lowering(aten.mode.default)
-def mode(ctx, x, dim=-1, keepdim=False):
-    """Most frequent value (the smallest on ties) and the last index where it occurs."""
-    axis = _axis(x, dim)
-    if axis is None:
-        return x, jnp.zeros((), ctx.dtype_of(1))
-    order = _argsort(lax.stop_gradient(x), axis, False)
-    ordered = jnp.take_along_axis(lax.stop_gradient(x), order, axis=axis)
-    positions = lax.broadcasted_iota(jnp.int32, x.shape, axis)
-    previous = jnp.concatenate([lax.slice_in_dim(ordered, 0, 1, axis=axis), lax.slice_in_dim(ordered, 0, -1, axis=axis)], axis)
-    run_start = jnp.where((ordered != previous) | (positions == 0), positions, 0)
-    run_length = positions - lax.cummax(run_start, axis=axis) + 1
-    best = jnp.argmax(run_length, axis=axis, keepdims=True)
-    index = jnp.take_along_axis(order, best, axis=axis)
-    return _unkeep(_gather(x, index, axis), axis, keepdim), _unkeep(index, axis, keepdim).astype(ctx.dtype_of(1))
-
-
-# -- histograms ----------------------------------------------------------------------------
-#
-# torch's CPU kernel (aten/src/ATen/native/cpu/HistogramKernel.cpp) maps each
-# element to a bin in one of three ways, reproduced here because an element on
-# a bin edge lands in a different bin under each: histc divides
-# `(x - left) * bins / (right - left)` and truncates; histogram/histogramdd with
-# a bin count do the same, then correct the guess by comparing with the edges
-# next to it ("local search"); with explicit edge tensors they binary-search
-# the edges. Elements outside [left, right] (and NaN) are skipped, and the last
-# bin includes its right edge.
-
-
-def _edge_linspace(start, end, bins: int, dtype):
-    """The `bins + 1` edges from `start` to `end`, as torch's CPU linspace computes them."""
-    if jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
-        return linspace_values(start, end, bins + 1, dtype)
-    return linspace_values(start, end, bins + 1, jnp.float32).astype(dtype)
-
-
-def _linear_bin(x, edges, local_search: bool):
-    """Bin index (and whether `x` is counted) for linearly spaced `edges`."""
-    count = edges.shape[0]
-    left, right = edges[0], edges[-1]
-    inside = (x >= left) & (x <= right)
-    guess = true_divide((x - left) * jnp.asarray(count - 1, x.dtype), right - left)
-    pos = jnp.where(inside & jnp.isfinite(guess), guess, 0).astype(jnp.int32)  # truncates, as static_cast
-    if local_search:
-        # std::upper_bound over edges[max(pos - 1, 0) : min(pos + 2, count)]
-        low = jnp.maximum(pos - 1, 0)
-        high = jnp.minimum(pos + 2, count)
-        below = jnp.zeros_like(pos)
-        for k in range(3):
-            at = low + k
-            below = below + ((at < high) & (edges[jnp.minimum(at, count - 1)] <= x)).astype(pos.dtype)
-        pos = low + below - 1
-    return jnp.where(pos == count - 1, pos - 1, pos), inside
-
-
-def _searched_bin(x, edges):
-    """Bin index (and whether `x` is counted) by binary search of `edges` (std::upper_bound)."""
-    count = edges.shape[0]
-    inside = (x >= edges[0]) & (x <= edges[-1])
-    pos = jnp.searchsorted(edges, x, side="right").astype(jnp.int32) - 1
-    return jnp.where(pos == count - 1, pos - 1, pos), inside
-
-
-def _histogramdd(points, edges, weight, density, find_bin):
-    """The histogram of `points` (N, D) over the per-dimension `edges`, as torch's kernel counts it."""
-    dtype = points.dtype
-    sizes = tuple(e.shape[0] - 1 for e in edges)
-    flat = jnp.zeros((), jnp.int32)
-    counted = jnp.ones(points.shape[:1], jnp.bool_)
-    for d, e in enumerate(edges):
-        pos, inside = find_bin(points[:, d], e)
-        flat = flat * sizes[d] + pos
-        counted = counted & inside
-    total = math.prod(sizes)
-    w = jnp.ones(points.shape[:1], dtype) if weight is None else jnp.reshape(weight, (-1,)).astype(dtype)
-    hist = jnp.zeros((total,), dtype).at[jnp.where(counted, flat, total)].add(w, mode="drop")
-    hist = jnp.reshape(hist, sizes)
-    if density:
-        hist = true_divide(hist, jnp.sum(hist))
-        for d, e in enumerate(edges):
-            shape = [1] * len(sizes)
-            shape[d] = sizes[d]
-            hist = true_divide(hist, jnp.reshape(jnp.diff(e), shape))
-    return hist
-
-
-def _outer_edges(points, range_):
-    """torch's `select_outer_bin_edges`: the range, or the data's min/max (0..1 if empty), widened by 0.5 if empty."""
-    n, dims = points.shape
-    # Static bounds stay Python floats (torch's doubles), so the edges are computed
-    # at trace time rather than folded by XLA.
-    if range_ is not None:
-        lows, highs = [float(v) for v in range_[0::2]], [float(v) for v in range_[1::2]]
-        return [(lo - 0.5, hi + 0.5) if lo == hi else (lo, hi) for lo, hi in zip(lows, highs, strict=True)]
-    if n == 0:
-        return [(0.0, 1.0)] * dims
-    lows, highs = jnp.min(points, axis=0), jnp.max(points, axis=0)
-    same = lows == highs
-    lows, highs = jnp.where(same, lows - 0.5, lows), jnp.where(same, highs + 0.5, highs)
-    return [(lows[d], highs[d]) for d in range(dims)]
-
-
-def _bin_count_edges(points, bins, range_):
-    points = lax.stop_gradient(points)
-    return [_edge_linspace(lo, hi, b, points.dtype) for (lo, hi), b in zip(_outer_edges(points, range_), bins, strict=True)]
-
-
-def _as_points(x):
-    """histogramdd's view of its input: (N, D) with D the last dimension."""
-    return jnp.reshape(x, (-1, x.shape[-1])) if x.ndim else jnp.reshape(x, (1, 1))
-
-
-@lowering(aten.histc.default)
-def histc(ctx, x, bins=100, min=0, max=0):
-    # torch's range: [min, max], or the data's when min == max, widened by 1 if empty.
-    values = lax.stop_gradient(jnp.ravel(x))
-    lo, hi = float(min), float(max)
-    if lo == hi and values.size:
-        lo, hi = jnp.min(values), jnp.max(values)
-        same = lo == hi
-        lo, hi = jnp.where(same, lo - 1, lo), jnp.where(same, hi + 1, hi)
-    elif lo == hi:
-        lo, hi = lo - 1, hi + 1
-    edges = _edge_linspace(lo, hi, bins, values.dtype)
-    return _histogramdd(values[:, None], [edges], None, False, functools.partial(_linear_bin, local_search=False))
-
-
-@lowering(aten.histogram.bin_ct)
-def histogram(ctx, x, bins=100, *, range=None, weight=None, density=False):
-    points = jnp.reshape(x, (-1, 1))
-    edges = _bin_count_edges(points, [bins], range)
-    hist = _histogramdd(lax.stop_gradient(points), edges, weight, density, functools.partial(_linear_bin, local_search=True))
-    return hist, edges[0]
-
-
-@lowering(aten.histogram.bins_tensor)
-def histogram_bins_tensor(ctx, x, bins, *, weight=None, density=False):
-    points = lax.stop_gradient(jnp.reshape(x, (-1, 1)))
-    return _histogramdd(points, [bins], weight, density, _searched_bin), bins
-
-
-@lowering(aten._histogramdd_bin_edges.default)
-def histogramdd_bin_edges(ctx, x, bins, *, range=None, weight=None, density=False):
-    return _bin_count_edges(_as_points(x), bins, range)
-
-
-@lowering(aten._histogramdd_from_bin_cts.default)
-def histogramdd_from_bin_cts(ctx, x, bins, *, range=None, weight=None, density=False):
-    points = lax.stop_gradient(_as_points(x))
-    edges = _bin_count_edges(points, bins, range)
-    return _histogramdd(points, edges, weight, density, functools.partial(_linear_bin, local_search=True))
-
-
-@lowering(aten._histogramdd_from_bin_tensors.default)
-def histogramdd_from_bin_tensors(ctx, x, bins, *, weight=None, density=False):
-    return _histogramdd(lax.stop_gradient(_as_points(x)), list(bins), weight, density, _searched_bin)
-
-
 # -- hash_tensor -------------------------------------------------------------------------------
 
 
-def _float_words(x):
+def float_words(x):
     """(high, low) uint32 words of each element of a float array of <= 32 bits, as float64.
 
     Computed from the bits, not by converting: XLA's CPU backend flushes
@@ -653,7 +390,7 @@ def _hash_words(x, dtype):
     if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize == 8:
         return lax.bitcast_convert_type(x, jnp.uint64)
     if jnp.issubdtype(x.dtype, jnp.floating):
-        high, low = _float_words(x)
+        high, low = float_words(x)
         if not wide:
             return low
         return (high.astype(jnp.uint64) << 32) | low.astype(jnp.uint64)
