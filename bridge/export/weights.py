@@ -1,0 +1,18 @@
+"""params.safetensors / state.safetensors: the module's tensors as they are, keyed like torch names them.
+
+Tensors are written in torch's dtype (an int64 buffer stays int64 in the file;
+model.py's `load` casts to the dtype the program takes). safetensors orders its
+header itself and takes no timestamps, so the bytes depend only on the tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import save
+
+
+def serialize(tensors: dict[str, torch.Tensor], entries: list) -> bytes:
+    """The safetensors bytes of `tensors`, in the order of `entries` ([name, shape, dtype])."""
+    # Each tensor copied: safetensors refuses tensors that share storage (views, tied buffers).
+    data = {name: tensors[name].detach().cpu().contiguous().clone() for name, _, _ in entries}
+    return save(data)
