@@ -1,0 +1,140 @@
+"""bridge.export(format="stablehlo"), loaded and run where torch cannot be imported.
+
+The parent exports each case (tools/export_examples.py's `write_case`: the model,
+its inputs, torch eager's outputs, torch autograd's gradients of a fixed random
+projection of the outputs, torch_to_jax_with_state's new state), then ONE
+subprocess (tools/check_exports.py --block-torch: a meta-path finder that refuses
+torch, transformers and bridge) loads every exported model.py and checks:
+forward parity (relative 1e-4 in float32), jax.grad against torch autograd
+(float64 on both sides for the torch.nn layers, 1e-9; 1e-3 in float32 for GPT-2
+and ResNet, whose inputs are checked away from kinks), jax.vmap against a loop,
+train-mode BatchNorm's new state, dropout drawing from the key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from numerics import assert_away_from_kinks
+from test_nn_layers import CASES
+
+import bridge
+from bridge.export import export
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from export_examples import write_case  # noqa: E402
+
+# torch.nn layer cases (tests/test_nn_layers.py) exported here: one of each kind of layer.
+LAYERS = ["mlp", "conv2d-groups-dilation", "conv-transpose1d", "batchnorm-eval", "embedding", "lstm",
+          "multihead-attention", "pooling", "sdpa-causal"]
+
+
+def _layer(name):
+    make_module, make_input = CASES[name]
+    torch.manual_seed(0)
+    return make_module(), make_input()
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory):
+    """Export every case, then check them all in one torch-free subprocess."""
+    import models
+
+    root = tmp_path_factory.mktemp("exports")
+    for name in LAYERS:
+        module, x = _layer(name)
+        assert_away_from_kinks(module, x)
+        write_case(root / f"{name}-f32", module, (x,), grad_rtol=None, vmap=True)
+        write_case(root / f"{name}-f64", module, (x,), x64=True, grad_rtol=1e-9)
+    gpt2, inputs = models.build("gpt2")
+    write_case(root / "gpt2", gpt2, kwargs={**inputs, "use_cache": False}, grad_rtol=1e-3)
+    resnet, inputs = models.build("resnet")
+    write_case(root / "resnet", resnet, kwargs=inputs, grad_rtol=1e-3, kink_check=assert_away_from_kinks)
+    torch.manual_seed(0)
+    bn = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 1), torch.nn.BatchNorm1d(4), torch.nn.Tanh()).train()
+    write_case(root / "batchnorm-train", bn, (torch.randn(5, 3, 7),), x64=True, grad_rtol=1e-9)
+    drop = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)).train()
+    write_case(root / "dropout", drop, (torch.randn(4, 6),), rng=True, vmap=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_exports.py"), str(root), "--block-torch"],
+        capture_output=True, text=True, timeout=600,
+    )
+    results = json.loads((root / "results.json").read_text()) if (root / "results.json").exists() else None
+    assert results is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, results
+
+
+EXPECTED = {f"{n}-f32": {"forward", "vmap"} for n in LAYERS}
+EXPECTED |= {f"{n}-f64": {"forward", "grad"} for n in LAYERS}
+EXPECTED |= {"gpt2": {"forward", "grad"}, "resnet": {"forward", "grad"},
+             "batchnorm-train": {"forward", "grad", "new_state"}, "dropout": {"forward", "rng", "vmap"}}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_exported_model_runs_without_torch(checked, case):
+    _, results = checked
+    assert results["torch_importable"] is False
+    got = results["cases"][case]
+    assert set(got) == EXPECTED[case], sorted(got)
+    failures = {k: v for k, v in got.items() if v != "ok"}
+    assert not failures, failures
+
+
+def test_export_writes_the_folder_and_identical_bytes_twice(tmp_path):
+    module, x = _layer("batchnorm-eval")
+    for folder in ("a", "b"):
+        export(module, x, path=tmp_path / folder, format="stablehlo")
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["export.json", "model.py", "model.stablehlo", "params.safetensors", "state.safetensors"]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    spec = json.loads((tmp_path / "a" / "export.json").read_text())
+    assert [p[0] for p in spec["params"]] == [n for n, _ in module.named_parameters()]
+    assert [b[0] for b in spec["state"]] == [n for n, _ in module.named_buffers()]
+    assert spec["rng"] is None and spec["state_updates"] == [] and spec["format"] == "stablehlo"
+    assert "6 months" in spec["compatibility"]
+    from safetensors.torch import load_file
+
+    params = load_file(tmp_path / "a" / "params.safetensors")
+    for n, p in module.named_parameters():
+        assert torch.equal(params[n], p)
+    ruff = ROOT / ".venv" / "bin" / "ruff"
+    if ruff.exists():  # the generated model.py passes the project's lint
+        proc = subprocess.run([str(ruff), "check", "--config", str(ROOT / "pyproject.toml"), str(tmp_path / "a" / "model.py")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout
+
+
+def test_exported_program_names_a_wrong_shape(tmp_path, monkeypatch):
+    module, x = _layer("mlp")
+    export(module, x, path=tmp_path, format="stablehlo")
+    spec = importlib.util.spec_from_file_location("exported_mlp", tmp_path / "model.py")
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    params, _ = model.load()
+    with pytest.raises(ValueError, match=r"input arg0 has shape \(5, 6\), but this model was exported for \(4, 6\)"):
+        model.apply(params, bridge.to_jax(torch.randn(5, 6)))
+    with pytest.raises(ValueError, match=r"params do not match the exported model: missing \['0.bias'\]"):
+        model.apply({k: v for k, v in params.items() if k != "0.bias"}, bridge.to_jax(x))
+
+
+def test_dynamic_shapes_and_unknown_formats_are_refused(tmp_path):
+    module, x = _layer("mlp")
+    with pytest.raises(NotImplementedError, match="dynamic_shapes"):
+        export(module, x, path=tmp_path, format="stablehlo", dynamic_shapes={"x": {0: "batch"}})
+    with pytest.raises(ValueError, match="format must be one of"):
+        export(module, x, path=tmp_path, format="onnx")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bridge.export.source") is not None, reason="format='source' is there")
+def test_source_format_points_to_stablehlo_until_it_lands(tmp_path):
+    module, x = _layer("mlp")
+    with pytest.raises(NotImplementedError, match="format='stablehlo'"):
+        export(module, x, path=tmp_path, format="source")
