@@ -1,0 +1,595 @@
+"""A traced JAX program printed as readable, torch-free Python source.
+
+The bridge translates a torch graph by calling its lowering table under one
+`jax.named_scope` per graph node (`bridge.interpreter.node_scope`:
+`transformer/h/0/attn/c_attn/addmm_3`). `emit_function` traces the converted
+function with `jax.make_jaxpr` and prints the equations back as `jax.lax` /
+`jax.numpy` calls, so the source comes from the same lowerings as
+`torch_to_jax` (one translator) and runs the same XLA program:
+
+- nested `jit`s (`jnp.where`, the adapter's graph function) and `checkpoint`
+  are inlined, their equations keep their scope; dead equations are dropped;
+- consecutive equations under one node's scope form a group: a group of one
+  equation is one statement (`h_0_attn_c_attn_addmm = lax.dot_general(...)`), a
+  larger one is a call of a helper function printed from its equations
+  (`_addmm`, `_layer_norm`; helpers with the same text are emitted once, others
+  get `_addmm_2`), so the main function has one statement per graph node;
+- values are named after the module path and op, inputs after `arg_names`;
+- `custom_jvp_call` becomes a `@jax.custom_jvp` helper whose rule is printed from
+  the traced jvp, so derivatives are the original's; `scan`, `while` and `cond`
+  become `lax.scan` / `lax.while_loop` / `lax.switch` over helper functions;
+- symbolic dimensions (`jax.export.symbolic_shape`) are read from the inputs'
+  shapes (`b = x.shape[0]`) and shape parameters are printed over them;
+- constants: scalars and arrays of at most 16 elements are printed exactly
+  (`np.float32(0.1)` parses back to the same bits); larger closed-over arrays are
+  an error (pass them as inputs).
+
+The primitive table is bridge/export/printers.py.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.extend import core as jcore
+from jax.export import is_symbolic_dim
+
+from bridge.export import printers as P
+from bridge.export.printers import Call, Expr, Lambda, Raw, Seq, UnsupportedPrimitiveError
+
+__all__ = ["UnsupportedPrimitiveError", "emit_function"]
+
+_INLINE = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat")
+_MODULES = ("jax", "jnp", "lax", "np", "math")
+_RESERVED = frozenset(_MODULES) | {"carry", "xs", "primals", "tangents", "args"}
+_PLACEHOLDER = "\x00"  # a helper's name in its text, until the text is deduplicated
+_WIDTH = 100
+
+
+# ---------------------------------------------------------------- the flat program
+
+
+class Var:
+    """A value of the flattened program (identity is the value)."""
+
+    __slots__ = ("aval",)
+
+    def __init__(self, aval: Any) -> None:
+        self.aval = aval
+
+
+class Const:
+    """A constant operand: a jaxpr literal or a closed-over constant."""
+
+    __slots__ = ("aval", "val")
+
+    def __init__(self, val: Any, aval: Any) -> None:
+        self.val, self.aval = val, aval
+
+
+class Eqn:
+    __slots__ = ("effects", "invars", "outvars", "params", "primitive", "scope")
+
+    def __init__(self, e: Any, invars: list, outvars: list[Var], scope: str) -> None:
+        self.primitive, self.params, self.effects = e.primitive, e.params, e.effects
+        self.invars, self.outvars, self.scope = invars, outvars, scope
+
+
+def _join(prefix: str, scope: str) -> str:
+    return "/".join(s for s in (prefix, scope) if s)
+
+
+def flatten(jaxpr: Any, consts: Sequence[Any], inputs: Sequence[Any], prefix: str = ""):
+    """`jaxpr`'s equations on `inputs` with nested calls inlined: (equations, outputs)."""
+    env: dict[Any, Any] = {}
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
+        env[v] = Const(c, v.aval)
+    for v, a in zip(jaxpr.invars, inputs, strict=True):
+        env[v] = a
+
+    def read(a: Any) -> Any:
+        return Const(a.val, a.aval) if isinstance(a, jcore.Literal) else env[a]
+
+    eqns: list[Eqn] = []
+    for e in jaxpr.eqns:
+        scope = _join(prefix, str(e.source_info.name_stack))
+        ins = [read(a) for a in e.invars]
+        if e.primitive.name in _INLINE:
+            sub = e.params.get("jaxpr", e.params.get("call_jaxpr"))
+            sub_consts = getattr(sub, "consts", ())
+            inner, outs = flatten(getattr(sub, "jaxpr", sub), sub_consts, ins, scope)
+            eqns += inner
+        else:
+            outs = [Var(v.aval) for v in e.outvars]
+            eqns.append(Eqn(e, ins, outs, scope))
+        for v, o in zip(e.outvars, outs, strict=True):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = o
+    return eqns, [read(v) for v in jaxpr.outvars]
+
+
+def dce(eqns: list[Eqn], outs: Sequence[Any]) -> list[Eqn]:
+    """The equations that outputs depend on (and those with effects)."""
+    live = {o for o in outs if isinstance(o, Var)}
+    kept = []
+    for e in reversed(eqns):
+        if e.effects or any(v in live for v in e.outvars):
+            kept.append(e)
+            live.update(a for a in e.invars if isinstance(a, Var))
+    return kept[::-1]
+
+
+# ---------------------------------------------------------------- names
+
+
+def sanitize(text: str) -> str:
+    """A lower-case identifier: non-alphanumerics become underscores."""
+    name = re.sub(r"_+", "_", re.sub(r"[^0-9a-zA-Z_]", "_", text.lower())).strip("_")
+    if not name:
+        return "v"
+    if name[0].isdigit():
+        name = "m" + name
+    return name + "_" if keyword.iskeyword(name) else name
+
+
+class Namer:
+    def __init__(self, reserved: Any = ()) -> None:
+        self.used = set(reserved)
+
+    def fresh(self, base: str, suffixes: Sequence[str] = ("",)) -> str:
+        i = 1
+        while True:
+            name = base if i == 1 else f"{base}_{i}"
+            if all(name + s not in self.used for s in suffixes):
+                self.used.update(name + s for s in suffixes)
+                return name
+            i += 1
+
+
+def scope_base(scope: str) -> str:
+    """`h/0/attn/c_attn/addmm_3` -> `h_0_attn_c_attn_addmm`."""
+    *path, node = scope.split("/")
+    return sanitize("_".join([*path, re.sub(r"_\d+$", "", node)]))
+
+
+def op_name(scope: str) -> str:
+    return sanitize(re.sub(r"_\d+$", "", scope.split("/")[-1]))
+
+
+# ---------------------------------------------------------------- the module
+
+
+class Module:
+    """The helper functions printed so far, each once, in order of first use."""
+
+    def __init__(self, dim_names: dict[str, str]) -> None:
+        self.dim_names = dim_names
+        self.names = Namer(_RESERVED | set(dim_names.values()))
+        self.by_text: dict[str, str] = {}
+        self.custom_jvps: dict[tuple[str, str, str], str] = {}
+        self.texts: list[str] = []
+
+    def helper(self, base: str, template: str, suffixes: Sequence[str] = ("",)) -> str:
+        """The name of the helper whose text is `template` (its name is the placeholder)."""
+        if template not in self.by_text:
+            name = self.names.fresh("_" + sanitize(base), suffixes)
+            self.by_text[template] = name
+            self.texts.append(template.replace(_PLACEHOLDER, name))
+        return self.by_text[template]
+
+
+class ConstantError(ValueError):
+    """A closed-over constant too large (or of a kind) to print as code."""
+
+
+class Function(P.Ctx):
+    """One Python function being printed: its parameters, body lines and names."""
+
+    def __init__(self, module: Module, params: Sequence[Var], param_names: Sequence[str],
+                 extra_dims: bool) -> None:
+        self.module = module
+        self.params = list(params)
+        self.namer = Namer(_RESERVED | set(module.dim_names.values()) | set(param_names))
+        self.names: dict[Var, str] = dict(zip(params, param_names, strict=True))
+        self.param_names = list(param_names)
+        self.local: set[Var] = set()
+        self.lines: list[str] = []
+        self.dims_used: list[str] = []
+        self.extra_dims = extra_dims  # may take undeducible dimensions as parameters
+
+    # -- printer context
+    def value(self, v: Any) -> Expr:
+        return P.value_expr(v, lambda d: P.dim_text(d, self.dim_name))
+
+    def dim_name(self, symbol: str) -> str:
+        if symbol not in self.module.dim_names:
+            raise UnsupportedPrimitiveError(f"dimension variable {symbol!r} is not an input's")
+        if symbol not in self.dims_used:
+            self.dims_used.append(symbol)
+        return self.module.dim_names[symbol]
+
+    def is_local(self, atom: Any) -> bool:
+        return atom in self.local
+
+    # -- operands and statements
+    def arg(self, atom: Any) -> Expr:
+        if isinstance(atom, Const):
+            try:
+                return Raw(P.constant_text(atom.val, getattr(atom.aval, "dtype", None)))
+            except P.Unprintable as e:
+                raise ConstantError(str(e)) from e
+        return Raw(self.names[atom])
+
+    def define(self, v: Var, base: str) -> str:
+        name = self.namer.fresh(sanitize(base))
+        self.names[v] = name
+        self.local.add(v)
+        return name
+
+    def statement(self, target: str, expr: Expr, comment: str | None = None) -> None:
+        if comment:
+            text = " ".join(comment.split())
+            room = _WIDTH - 6
+            self.lines.append(f"    # {text if len(text) <= room else text[: room - 3] + '...'}")
+        prefix = f"    {target} = " if target else "    "
+        self.lines.append(prefix + P.render(expr, len(prefix), 4))
+
+    def emit(self, eqn: Eqn, names: Sequence[str], comment: str | None = None) -> None:
+        expr, target = self.expression(eqn, list(names))
+        self.statement(target, expr, comment)
+
+    def expression(self, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
+        """The expression of one equation and the assignment target for `names`."""
+        special = _SPECIAL.get(eqn.primitive.name)
+        if special is not None:
+            return special(self, eqn, names)
+        args = [self.arg(a) for a in eqn.invars]
+        expr = P.print_eqn(self, eqn, args)
+        if P.returns_sequence(eqn):
+            return expr, _unpack(names)
+        return expr, names[0]
+
+    def returns(self, outs: Sequence[Any], structure: Sequence[int] | None = None,
+                single: bool = True) -> None:
+        """`return a` / `return a, b` / `return (a, b), (c,)` (`structure`: group sizes)."""
+        items = [self.arg(o) for o in outs]
+        if structure is not None:
+            groups, i = [], 0
+            for n in structure:
+                groups.append(Seq(tuple(items[i:i + n])))
+                i += n
+            expr: Expr = Seq(tuple(groups))
+        elif single and len(items) == 1:
+            expr = items[0]
+        else:
+            expr = Seq(tuple(items))
+        text = P.render(expr, 11, 4)
+        if isinstance(expr, Seq) and text.startswith("(") and len(expr.items) > 1 and "\n" not in text:
+            text = text[1:-1]
+        self.lines.append(f"    return {text}")
+
+    # -- the function's text
+    def dim_bindings(self, prologue_names: dict[Var, str] | None = None) -> tuple[list[str], list[str]]:
+        """Lines binding the used dimension variables from parameter shapes, and the
+        dimensions that must come in as parameters."""
+        lines, extra = [], []
+        for symbol in self.dims_used:
+            found = None
+            for v in self.params:
+                for j, d in enumerate(getattr(v.aval, "shape", ())):
+                    if is_symbolic_dim(d) and str(d) == symbol:
+                        found = (v, j)
+                        break
+                if found:
+                    break
+            ident = self.module.dim_names[symbol]
+            if found:
+                lines.append(f"    {ident} = {self.names[found[0]]}.shape[{found[1]}]")
+            elif self.extra_dims:
+                extra.append(ident)
+            else:
+                raise UnsupportedPrimitiveError(
+                    f"dimension {symbol!r} is used in a sub-function but is not the size of an "
+                    "axis of its inputs")
+        return lines, extra
+
+    def text(self, name: str, signature: str | None = None, prologue: Sequence[str] = (),
+             decorator: str | None = None) -> tuple[str, list[str]]:
+        dims, extra = self.dim_bindings()
+        sig = signature if signature is not None else ", ".join(self.param_names + extra)
+        head = f"def {name}({sig}):"
+        if len(head) > _WIDTH:
+            head = f"def {name}(\n" + "".join(f"    {p},\n" for p in sig.split(", ")) + "):"
+        lines = ([decorator] if decorator else []) + [head, *prologue, *dims, *self.lines]
+        return "\n".join(lines) + "\n", extra
+
+
+def _unpack(names: Sequence[str]) -> str:
+    return f"({names[0]},)" if len(names) == 1 else ", ".join(names)
+
+
+# ---------------------------------------------------------------- sub-programs
+
+
+def _param_names(n: int, stem: str = "x") -> list[str]:
+    return [stem] if n == 1 else [f"{stem}{i}" for i in range(n)]
+
+
+def _body(fn: Function, eqns: Sequence[Eqn]) -> None:
+    """One statement per equation, locals named after their primitive."""
+    for e in eqns:
+        names = [fn.define(v, e.primitive.name) for v in e.outvars]
+        fn.emit(e, names)
+
+
+def subfunction(caller: Function, closed: Any, base: str, structure: Sequence[int] | None,
+                single: bool, extra_dims: bool = True) -> tuple[str, list[str]]:
+    """A helper printed from a closed jaxpr; returns its name and the dimension
+    parameters the caller must pass after the operands."""
+    jaxpr = getattr(closed, "jaxpr", closed)
+    params = [Var(v.aval) for v in jaxpr.invars]
+    fn = Function(caller.module, params, _param_names(len(params)), extra_dims)
+    eqns, outs = flatten(jaxpr, getattr(closed, "consts", ()), params)
+    _body(fn, dce(eqns, outs))
+    fn.returns(outs, structure, single)
+    text, extra = fn.text(_PLACEHOLDER)
+    return caller.module.helper(base, text), extra
+
+
+def _call_args(caller: Function, names: Sequence[str]) -> tuple[Expr, ...]:
+    for ident in names:  # the caller binds (or takes) these dimensions too
+        symbol = next(s for s, i in caller.module.dim_names.items() if i == ident)
+        caller.dim_name(symbol)
+    return tuple(Raw(n) for n in names)
+
+
+def _check_params(eqn: Eqn, handled: Sequence[str], **defaults: Any) -> None:
+    try:
+        P.expect_params(eqn, *handled, **defaults)
+    except P.Unprintable as e:
+        raise UnsupportedPrimitiveError(f"cannot print {eqn.primitive.name}: {e}") from e
+
+
+def _scan(fn: Function, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
+    p = eqn.params
+    _check_params(eqn, ("jaxpr", "num_consts", "num_carry", "length", "reverse", "unroll",
+                        "linear"), _split_transpose=False)
+    nc, nk = p["num_consts"], p["num_carry"]
+    ny = len(eqn.outvars) - nk
+    body, extra = subfunction(fn, p["jaxpr"], "scan_body", (nk, ny), False)
+    args = [fn.arg(a) for a in eqn.invars]
+    call = Call(body, (*args[:nc], Raw("*carry"), Raw("*xs"), *_call_args(fn, extra)))
+    expr = Call("lax.scan", (Lambda("carry, xs", call), Seq(tuple(args[nc:nc + nk])),
+                             Seq(tuple(args[nc + nk:]))),
+                (("length", fn.value(p["length"])), ("reverse", fn.value(p["reverse"])),
+                 ("unroll", fn.value(p["unroll"]))))
+    carry = f"({names[0]},)" if nk == 1 else f"({', '.join(names[:nk])})" if nk else "_"
+    ys = names[nk:]
+    ys_text = f"({ys[0]},)" if len(ys) == 1 else f"({', '.join(ys)})" if ys else "_"
+    return expr, f"{carry}, {ys_text}"
+
+
+def _while(fn: Function, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
+    p = eqn.params
+    _check_params(eqn, ("cond_jaxpr", "body_jaxpr", "cond_nconsts", "body_nconsts"))
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cond, cond_extra = subfunction(fn, p["cond_jaxpr"], "while_cond", None, True)
+    body, body_extra = subfunction(fn, p["body_jaxpr"], "while_body", None, False)
+    args = [fn.arg(a) for a in eqn.invars]
+    cond_call = Call(cond, (*args[:cn], Raw("*carry"), *_call_args(fn, cond_extra)))
+    body_call = Call(body, (*args[cn:cn + bn], Raw("*carry"), *_call_args(fn, body_extra)))
+    expr = Call("lax.while_loop", (Lambda("carry", cond_call), Lambda("carry", body_call),
+                                   Seq(tuple(args[cn + bn:]))))
+    return expr, _unpack(names)
+
+
+def _cond(fn: Function, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
+    _check_params(eqn, ("branches",))
+    args = [fn.arg(a) for a in eqn.invars]
+    branches = []
+    for i, br in enumerate(eqn.params["branches"]):
+        name, extra = subfunction(fn, br, f"branch_{i}", None, False)
+        branch: Expr = Raw(name)
+        if extra:
+            branch = Lambda("*args", Call(name, (Raw("*args"), *_call_args(fn, extra))))
+        branches.append(branch)
+    expr = Call("lax.switch", (args[0], Seq(tuple(branches)), *args[1:]))
+    return expr, _unpack(names)
+
+
+def _custom_jvp(fn: Function, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
+    """A `@jax.custom_jvp` helper: the primal printed from `call_jaxpr`, the rule from the
+    jvp traced with every tangent nonzero (constants' tangents are ignored, as JAX does).
+
+    A rule may call its own primal (softmax's does): helpers are keyed by the primal's
+    text and the two functions' names, and the name is reserved before the rule is printed.
+    """
+    p = eqn.params
+    _check_params(eqn, ("call_jaxpr", "jvp_jaxpr_fun", "num_consts", "symbolic_zeros"))
+    closed, nconsts, jvp_fun = p["call_jaxpr"], p["num_consts"], p["jvp_jaxpr_fun"]
+    n = len(closed.jaxpr.invars)
+    params = [Var(v.aval) for v in closed.jaxpr.invars]
+    primal = Function(fn.module, params, _param_names(n), extra_dims=False)
+    eqns, outs = flatten(closed.jaxpr, closed.consts, params)
+    _body(primal, dce(eqns, outs))
+    primal.returns(outs)
+    primal_text, _ = primal.text(_PLACEHOLDER, decorator="@jax.custom_jvp")
+    base = _func_name(closed.jaxpr, "custom_jvp")
+    key = (base, _func_name(jvp_fun, ""), primal_text)
+    module = fn.module
+    name = module.custom_jvps.get(key)
+    if name is None:
+        name = module.names.fresh("_" + sanitize(base), ("", "_jvp"))
+        module.custom_jvps[key] = name
+        rule_text = _jvp_rule(fn, jvp_fun, n, nconsts)
+        text = primal_text + "\n\n" + rule_text
+        module.texts.append(text.replace(_PLACEHOLDER, name))
+    expr = Call(name, tuple(fn.arg(a) for a in eqn.invars))
+    return expr, names[0] if len(eqn.outvars) == 1 else _unpack(names)
+
+
+def _func_name(obj: Any, default: str) -> str:
+    name = getattr(getattr(obj, "debug_info", None), "func_name", None) or default
+    return name.split(".")[-1].split(" ")[0]
+
+
+def _jvp_rule(fn: Function, jvp_fun: Any, n: int, nconsts: int) -> str:
+    nd = n - nconsts
+    jvp_jaxpr, jvp_consts, out_zeros = jvp_fun.call_wrapped(*[False] * nd)
+    xs = [Var(v.aval) for v in jvp_jaxpr.invars[:nd]]
+    ts = [Var(v.aval) for v in jvp_jaxpr.invars[nd:]]
+    x_names, t_names = _param_names(nd, "x"), _param_names(nd, "t")
+    rule = Function(fn.module, xs + ts, x_names + t_names, extra_dims=False)
+    eqns, outs = flatten(jvp_jaxpr, jvp_consts, xs + ts)
+    _body(rule, dce(eqns, outs))
+    n_out = len(out_zeros)
+    out_primals, nz = outs[:n_out], iter(outs[n_out:])
+    prim_exprs = [rule.arg(o) for o in out_primals]
+    tan_exprs = [Call("jnp.zeros_like", (e,)) if z else rule.arg(next(nz))
+                 for e, z in zip(prim_exprs, out_zeros, strict=True)]
+    if n_out == 1:
+        ret: Expr = Seq((prim_exprs[0], tan_exprs[0]))
+    else:
+        ret = Seq((Seq(tuple(prim_exprs)), Seq(tuple(tan_exprs))))
+    rule.lines.append("    return " + P.render(ret, 11, 4))
+    cut = f"[{nconsts}:]" if nconsts else ""
+    prologue = [f"    {_unpack(x_names)} = primals{cut}", f"    {_unpack(t_names)} = tangents{cut}"]
+    text, _ = rule.text(_PLACEHOLDER + "_jvp", "primals, tangents", prologue,
+                        decorator=f"@{_PLACEHOLDER}.defjvp")
+    return text
+
+
+def _refuse(reason: str) -> Callable:
+    def refuse(fn: Function, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
+        raise UnsupportedPrimitiveError(f"cannot print the JAX primitive {eqn.primitive.name!r}: "
+                                        f"{reason}")
+    return refuse
+
+
+_SPECIAL: dict[str, Callable[[Function, Eqn, list[str]], tuple[Expr, str]]] = {
+    "scan": _scan,
+    "while": _while,
+    "cond": _cond,
+    "custom_jvp_call": _custom_jvp,
+    "custom_vjp_call": _refuse("custom_vjp functions are not printed yet"),
+    "debug_callback": _refuse(
+        "it calls back into Python (a bridge run-time check: convert with checks=False)"),
+    "pure_callback": _refuse("it calls back into Python"),
+    "io_callback": _refuse("it calls back into Python"),
+}
+
+
+# ---------------------------------------------------------------- the main function
+
+
+def _groups(eqns: Sequence[Eqn]) -> list[tuple[str, list[Eqn]]]:
+    """Consecutive equations under one node scope (or under a scope nested in it)."""
+    groups: list[tuple[str, list[Eqn]]] = []
+    for e in eqns:
+        if groups and groups[-1][0] and (e.scope == groups[-1][0]
+                                         or e.scope.startswith(groups[-1][0] + "/")):
+            groups[-1][1].append(e)
+        else:
+            groups.append((e.scope, [e]))
+    return groups
+
+
+def _dim_names(example_args: Sequence[Any], arg_names: Sequence[str]) -> dict[str, str]:
+    names = Namer(set(_RESERVED) | set(arg_names))
+    out: dict[str, str] = {}
+    for a in example_args:
+        for d in getattr(a, "shape", ()):
+            if is_symbolic_dim(d):
+                for symbol in sorted(d.get_vars()):
+                    if symbol not in out:
+                        out[symbol] = names.fresh(sanitize(symbol))
+    return out
+
+
+def emit_function(fn: Callable, example_args: Sequence[Any], *, name: str,
+                  arg_names: Sequence[str], comments: dict[str, str] | None = None) -> str:
+    """Python source defining `def <name>(<arg_names...>)`: the computation of the pure JAX
+    function `fn(*flat_arrays) -> tuple of flat arrays`, traced at `example_args` (a tuple of
+    jax.ShapeDtypeStruct, possibly with symbolic dims from jax.export.symbolic_shape). The defined
+    function returns a tuple of flat arrays. Uses only `jax`, `jax.numpy as jnp`, `jax.lax as lax`,
+    `numpy as np`, `math` (the text starts with a comment listing which ones it uses). `comments`
+    maps a graph node name (the last part of the scope) to a short torch source line to attach as
+    a comment.
+
+    The returned text holds the helper functions the program uses (each once, before the main
+    function) and the main function.
+    """
+    arg_names = list(arg_names)
+    if len(arg_names) != len(example_args):
+        raise ValueError(f"{len(arg_names)} arg_names for {len(example_args)} example_args")
+    for a in arg_names:
+        if not a.isidentifier() or keyword.iskeyword(a) or a in _RESERVED or a.startswith("_"):
+            raise ValueError(f"argument name {a!r} is not usable in generated code")
+    comments = comments or {}
+    closed = jax.make_jaxpr(fn)(*example_args)
+    for c in closed.consts:
+        if np.size(c) > P.SMALL_CONSTANT:
+            raise ConstantError(
+                f"{name}: the traced program closes over a constant array of shape "
+                f"{np.shape(c)}; only constants of at most {P.SMALL_CONSTANT} elements are "
+                "printed as code: pass it as an input (parameters and buffers are inputs).")
+    module = Module(_dim_names(example_args, arg_names))
+    params = [Var(v.aval) for v in closed.jaxpr.invars]
+    main = Function(module, params, arg_names, extra_dims=False)
+    eqns, outs = flatten(closed.jaxpr, closed.consts, params)
+    eqns = dce(eqns, outs)
+    groups = _groups(eqns)
+
+    where: dict[Var, int] = {}
+    for g, (_, members) in enumerate(groups):
+        for e in members:
+            where.update((v, g) for v in e.outvars)
+    escapes = {o for o in outs if isinstance(o, Var)}
+    for g, (_, members) in enumerate(groups):
+        for e in members:
+            escapes.update(a for a in e.invars if isinstance(a, Var) and where.get(a, g) != g)
+
+    for scope, members in groups:
+        base = scope_base(scope) if scope else "tmp"
+        comment = comments.get(scope.split("/")[-1]) if scope else None
+        if len(members) == 1:
+            e = members[0]
+            names = ([main.define(v, base) for v in e.outvars] if len(e.outvars) == 1
+                     else [main.define(v, f"{base}_{i}") for i, v in enumerate(e.outvars)])
+            main.emit(e, names, comment)
+            continue
+        _group_call(main, scope, members, escapes, base, comment)
+    main.returns(outs, single=False)
+    text, _ = main.text(name)
+    body = "\n\n".join([*module.texts, text])
+    used = sorted(set(re.findall(r"\b(jax|jnp|lax|np|math)\.", body)),
+                  key=_MODULES.index)
+    return f"# uses: {', '.join(used)}\n\n\n{body}"
+
+
+def _group_call(main: Function, scope: str, members: list[Eqn], escapes: set[Var], base: str,
+                comment: str | None) -> None:
+    """A group of equations printed as a helper function and one call of it."""
+    defined = {v for e in members for v in e.outvars}
+    inputs: list[Var] = []
+    for e in members:
+        for a in e.invars:
+            if isinstance(a, Var) and a not in defined and a not in inputs:
+                inputs.append(a)
+    outputs = [v for e in members for v in e.outvars if v in escapes]
+    helper = Function(main.module, inputs, _param_names(len(inputs)), extra_dims=True)
+    _body(helper, members)
+    helper.returns(outputs)
+    text, extra = helper.text(_PLACEHOLDER)
+    hname = main.module.helper(op_name(scope) if scope else "glue", text)
+    call = Call(hname, (*(main.arg(a) for a in inputs), *_call_args(main, extra)))
+    if len(outputs) == 1:
+        names = [main.define(outputs[0], base)]
+    else:
+        names = [main.define(v, f"{base}_{i}") for i, v in enumerate(outputs)]
+    main.statement(", ".join(names), call, comment)  # no names: a call for its effects
