@@ -2,6 +2,7 @@
 #   make demo        .venv + examples/quickstart.py
 #   make test        .venv + pytest (the CI test command)
 #   make test-xla    torch_xla environment + the tests marked `xla`
+#   make test-torchless  exported example models run in an environment without torch
 #   make bench       .venv + benchmarks/
 #   make coverage    regenerate docs/ops.md from the OpInfo sweep
 #   make conformance the OpInfo sweep over every float32 sample (hours; BRIDGE_CONFORMANCE=full: every dtype)
@@ -72,6 +73,33 @@ venv-xla:
 
 test-xla: venv-xla
 	PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla -p no:cacheprovider $(PYTEST_ARGS)
+
+# The torch-free environment (jax, numpy, safetensors, optax; no torch): built once per
+# machine under ~/.cache, keyed by the constraints' hash, and linked as .venv-torchless.
+TORCHLESS_KEY = $(shell sha256sum constraints-torchless.txt | cut -c1-16)
+TORCHLESS_VENV = $(XLA_CACHE)/venv-torchless-$(TORCHLESS_KEY)
+
+.PHONY: venv-torchless test-torchless
+
+venv-torchless:
+	@if [ ! -f "$(TORCHLESS_VENV)/.complete" ]; then \
+	  set -e; rm -rf "$(TORCHLESS_VENV)"; mkdir -p "$(XLA_CACHE)"; \
+	  $(PYTHON) -m venv "$(TORCHLESS_VENV)"; \
+	  "$(TORCHLESS_VENV)/bin/python" -m pip install $(PIP_QUIET) --upgrade "pip==25.3"; \
+	  "$(TORCHLESS_VENV)/bin/python" -m pip install $(PIP_QUIET) -c constraints-torchless.txt \
+	    jax jaxlib numpy ml_dtypes safetensors flatbuffers optax; \
+	  touch "$(TORCHLESS_VENV)/.complete"; \
+	fi
+	ln -sfn "$(TORCHLESS_VENV)" .venv-torchless
+	# The point of this environment: torch must not be importable there.
+	@! .venv-torchless/bin/python -c "import torch" 2>/dev/null || { echo "torch is importable in .venv-torchless"; exit 1; }
+
+test-torchless: venv venv-torchless
+	# .venv exports the example models (tools/export_examples.py) with torch's outputs and
+	# gradients; .venv-torchless loads and checks them (parity, a gradient, optax steps).
+	set -e; dir=$$(mktemp -d); trap 'rm -rf "$$dir"' EXIT; \
+	  $(PY) tools/export_examples.py "$$dir"; \
+	  .venv-torchless/bin/python tools/check_exports.py "$$dir" --optax
 
 clean:
 	rm -rf $(VENV) .venv-xla build *.egg-info .pytest_cache .hypothesis

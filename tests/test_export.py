@@ -20,12 +20,15 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from numerics import assert_away_from_kinks
-from test_nn_layers import CASES
 
-import bridge
-from bridge.export import export
+pytest.importorskip("safetensors")
+pytest.importorskip("flatbuffers")  # jax.export serialization
+import torch  # noqa: E402
+from numerics import assert_away_from_kinks  # noqa: E402
+from test_nn_layers import CASES  # noqa: E402
+
+import bridge  # noqa: E402
+from bridge.export import export  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -138,3 +141,12 @@ def test_source_format_points_to_stablehlo_until_it_lands(tmp_path):
     module, x = _layer("mlp")
     with pytest.raises(NotImplementedError, match="format='stablehlo'"):
         export(module, x, path=tmp_path, format="source")
+
+
+@pytest.mark.slow
+def test_port_to_jax_example():
+    """examples/port_to_jax.py: export GPT-2 and a ResNet, then parity, optax and generation without torch."""
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "port_to_jax.py")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "torch cannot be imported here" in proc.stdout and "greedy tokens" in proc.stdout

@@ -8,11 +8,12 @@ header itself and takes no timestamps, so the bytes depend only on the tensors.
 from __future__ import annotations
 
 import torch
-from safetensors.torch import save
 
 
 def serialize(tensors: dict[str, torch.Tensor], entries: list) -> bytes:
     """The safetensors bytes of `tensors`, in the order of `entries` ([name, shape, dtype])."""
+    from safetensors.torch import save  # only when exporting: `import bridge` does not need it
+
     # Each tensor copied: safetensors refuses tensors that share storage (views, tied buffers).
     data = {name: tensors[name].detach().cpu().contiguous().clone() for name, _, _ in entries}
     return save(data)
