@@ -39,6 +39,10 @@ LAYERS = ["mlp", "conv2d-groups-dilation", "conv-transpose1d", "batchnorm-eval",
           "multihead-attention", "pooling", "sdpa-causal"]
 
 
+SOURCE = importlib.util.find_spec("bridge.export.source") is not None
+SOURCE_LAYERS = ["mlp", "lstm", "embedding"]
+
+
 def _layer(name):
     make_module, make_input = CASES[name]
     torch.manual_seed(0)
@@ -65,6 +69,16 @@ def checked(tmp_path_factory):
     write_case(root / "batchnorm-train", bn, (torch.randn(5, 3, 7),), x64=True, grad_rtol=1e-9)
     drop = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)).train()
     write_case(root / "dropout", drop, (torch.randn(4, 6),), rng=True, vmap=True)
+    if SOURCE:  # format="source": readable JAX source, the same checks
+        for name in SOURCE_LAYERS:
+            module, x = _layer(name)
+            write_case(root / f"source-{name}-f32", module, (x,), grad_rtol=None, vmap=True, format="source")
+            write_case(root / f"source-{name}-f64", module, (x,), x64=True, grad_rtol=1e-9, format="source")
+        write_case(root / "source-gpt2", gpt2, kwargs={**models.build("gpt2")[1], "use_cache": False},
+                   grad_rtol=1e-3, format="source")
+        write_case(root / "source-batchnorm-train", bn, (torch.randn(5, 3, 7),), x64=True, grad_rtol=1e-9,
+                   format="source")
+        write_case(root / "source-dropout", drop, (torch.randn(4, 6),), rng=True, vmap=True, format="source")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "check_exports.py"), str(root), "--block-torch"],
         capture_output=True, text=True, timeout=600,
@@ -78,6 +92,9 @@ EXPECTED = {f"{n}-f32": {"forward", "vmap"} for n in LAYERS}
 EXPECTED |= {f"{n}-f64": {"forward", "grad"} for n in LAYERS}
 EXPECTED |= {"gpt2": {"forward", "grad"}, "resnet": {"forward", "grad"},
              "batchnorm-train": {"forward", "grad", "new_state"}, "dropout": {"forward", "rng", "vmap"}}
+if SOURCE:
+    EXPECTED |= {f"source-{k}": v for k, v in EXPECTED.items()
+                 if k.rsplit("-", 1)[0] in SOURCE_LAYERS or k in ("gpt2", "batchnorm-train", "dropout")}
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
@@ -90,19 +107,22 @@ def test_exported_model_runs_without_torch(checked, case):
     assert not failures, failures
 
 
-def test_export_writes_the_folder_and_identical_bytes_twice(tmp_path):
+@pytest.mark.parametrize("format", ["stablehlo", pytest.param("source", marks=pytest.mark.skipif(
+    not SOURCE, reason="no format='source' printer"))])
+def test_export_writes_the_folder_and_identical_bytes_twice(tmp_path, format):
     module, x = _layer("batchnorm-eval")
     for folder in ("a", "b"):
-        export(module, x, path=tmp_path / folder, format="stablehlo")
+        export(module, x, path=tmp_path / folder, format=format)
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == ["export.json", "model.py", "model.stablehlo", "params.safetensors", "state.safetensors"]
+    program = ["model.stablehlo"] if format == "stablehlo" else []
+    assert files == sorted(["export.json", "model.py", "params.safetensors", "state.safetensors", *program])
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     spec = json.loads((tmp_path / "a" / "export.json").read_text())
     assert [p[0] for p in spec["params"]] == [n for n, _ in module.named_parameters()]
     assert [b[0] for b in spec["state"]] == [n for n, _ in module.named_buffers()]
-    assert spec["rng"] is None and spec["state_updates"] == [] and spec["format"] == "stablehlo"
-    assert "6 months" in spec["compatibility"]
+    assert spec["rng"] is None and spec["state_updates"] == [] and spec["format"] == format
+    assert "6 months" in spec["compatibility"] or format == "source"
     from safetensors.torch import load_file
 
     params = load_file(tmp_path / "a" / "params.safetensors")
@@ -136,7 +156,7 @@ def test_dynamic_shapes_and_unknown_formats_are_refused(tmp_path):
         export(module, x, path=tmp_path, format="onnx")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("bridge.export.source") is not None, reason="format='source' is there")
+@pytest.mark.skipif(SOURCE, reason="format='source' is there")
 def test_source_format_points_to_stablehlo_until_it_lands(tmp_path):
     module, x = _layer("mlp")
     with pytest.raises(NotImplementedError, match="format='stablehlo'"):
