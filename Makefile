@@ -81,15 +81,14 @@ TORCHLESS_VENV = $(XLA_CACHE)/venv-torchless-$(TORCHLESS_KEY)
 
 .PHONY: venv-torchless test-torchless
 
-venv-torchless:
-	@if [ ! -f "$(TORCHLESS_VENV)/.complete" ]; then \
-	  set -e; rm -rf "$(TORCHLESS_VENV)"; mkdir -p "$(XLA_CACHE)"; \
-	  $(PYTHON) -m venv "$(TORCHLESS_VENV)"; \
-	  "$(TORCHLESS_VENV)/bin/python" -m pip install $(PIP_QUIET) --upgrade "pip==25.3"; \
-	  "$(TORCHLESS_VENV)/bin/python" -m pip install $(PIP_QUIET) -c constraints-torchless.txt \
-	    jax jaxlib numpy ml_dtypes safetensors flatbuffers optax; \
-	  touch "$(TORCHLESS_VENV)/.complete"; \
-	fi
+$(TORCHLESS_VENV)/.complete: constraints-torchless.txt
+	rm -rf "$(TORCHLESS_VENV)" && mkdir -p "$(XLA_CACHE)" && $(PYTHON) -m venv "$(TORCHLESS_VENV)"
+	"$(TORCHLESS_VENV)/bin/python" -m pip install $(PIP_QUIET) --upgrade "pip==25.3"
+	"$(TORCHLESS_VENV)/bin/python" -m pip install $(PIP_QUIET) -c constraints-torchless.txt \
+	  jax jaxlib numpy ml_dtypes safetensors flatbuffers optax
+	touch "$@"
+
+venv-torchless: $(TORCHLESS_VENV)/.complete
 	ln -sfn "$(TORCHLESS_VENV)" .venv-torchless
 	# The point of this environment: torch must not be importable there.
 	@! .venv-torchless/bin/python -c "import torch" 2>/dev/null || { echo "torch is importable in .venv-torchless"; exit 1; }

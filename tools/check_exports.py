@@ -157,17 +157,14 @@ def _optax_steps(model, params, state, args, kwargs, key, ref) -> None:
 
     opt = optax.adam(1e-3)
     opt_state = opt.init(params)
-
-    @jax.jit
-    def step(p, s):
-        value, g = jax.value_and_grad(loss)(p)
-        updates, s = opt.update(g, s, p)
-        return optax.apply_updates(p, updates), s, value
-
-    first = None
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    values = []
     for _ in range(3):
-        params, opt_state, value = step(params, opt_state)
-        first = value if first is None else first
+        value, grads = value_and_grad(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        values.append(value)
+    first = values[0]
     last = loss(params)
     assert last < first, f"loss did not decrease: {float(first)} -> {float(last)}"
 
