@@ -101,4 +101,4 @@ test-torchless: venv venv-torchless
 	  .venv-torchless/bin/python tools/check_exports.py "$$dir" --optax
 
 clean:
-	rm -rf $(VENV) .venv-xla build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-xla .venv-torchless build *.egg-info .pytest_cache .hypothesis

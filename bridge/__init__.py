@@ -6,6 +6,7 @@ Public API (see docs/ and README.md):
     torch_to_jax                     nn.Module -> (apply, params); torch fn -> JAX fn
     torch_to_jax_with_state          nn.Module -> (apply, params, state)
     jax_to_torch                     (apply, params) -> nn.Module; JAX fn -> torch fn
+    export                           a port without torch: JAX source or StableHLO + weights
 """
 
 from bridge.adapters.jax_to_torch import jax_to_torch
@@ -20,6 +21,7 @@ from bridge.dlpack import (
     to_torch,
 )
 from bridge.dtypes import UnsupportedDtypeError
+from bridge.export import export
 
 __all__ = [
     "AliasingError",
@@ -28,6 +30,7 @@ __all__ = [
     "UnsupportedDtypeError",
     "X64Error",
     "checked_writes",
+    "export",
     "jax_to_torch",
     "to_jax",
     "to_torch",
