@@ -41,23 +41,26 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import sys
 import weakref
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import torch
 
-from bridge import dtypes
+from bridge import dtypes, x64
 from bridge.tree import map_tree
+from bridge.x64 import X64Error
 
 __all__ = [
     "AliasingError",
+    "DeviceExchange",
     "SharingError",
     "X64Error",
     "checked_writes",
+    "jax_reads_strides",
+    "register_device",
     "to_jax",
     "to_torch",
 ]
@@ -67,10 +70,6 @@ _JAX_CPU_ALIGNMENT = 64
 
 class SharingError(ValueError):
     """`copy=False` was asked for, but the buffer cannot be shared."""
-
-
-class X64Error(ValueError):
-    """A 64-bit value that JAX cannot hold exactly with x64 disabled."""
 
 
 class AliasingError(RuntimeError):
@@ -208,6 +207,43 @@ def _record(tensor: torch.Tensor, direction: str) -> None:
 
 
 # --------------------------------------------------------------------------
+# Devices other than the CPU and CUDA: their modules register the exchange
+
+
+class DeviceExchange(NamedTuple):
+    """How one torch device type exchanges buffers with JAX (see `register_device`)."""
+
+    to_jax: Callable[[torch.Tensor, bool | None], jax.Array]
+    to_torch: Callable[[jax.Array, bool | None], torch.Tensor] | None
+    takes_array: Callable[[jax.Array], bool] | None
+
+
+# torch device type -> its exchange. A table of device kinds (one entry per
+# module that registers one, such as bridge.xla), not of user values.
+_DEVICES: dict[str, DeviceExchange] = {}
+
+
+def register_device(
+    device_type: str,
+    *,
+    to_jax: Callable[[torch.Tensor, bool | None], jax.Array],
+    to_torch: Callable[[jax.Array, bool | None], torch.Tensor] | None = None,
+    takes_array: Callable[[jax.Array], bool] | None = None,
+) -> None:
+    """Let the module that knows a torch device type carry its exchange.
+
+    `to_jax(t, copy)` converts a tensor on `device_type` for `to_jax`; it
+    gets the tensor checked, detached and (with x64 off) already narrowed.
+    `to_torch(a, copy)` converts, for `to_torch`, each JAX array for which
+    `takes_array(a)` is true. `bridge.xla` registers torch_xla's 'xla' device
+    when it is imported; registering a device type again replaces it.
+    """
+    if (to_torch is None) != (takes_array is None):
+        raise TypeError("register_device: give both `to_torch` and `takes_array`, or neither.")
+    _DEVICES[device_type] = DeviceExchange(to_jax, to_torch, takes_array)
+
+
+# --------------------------------------------------------------------------
 # torch -> JAX
 
 
@@ -247,8 +283,9 @@ def _is_dense(t: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _jax_reads_strides() -> bool:
-    """Whether this jax's from_dlpack honours strides (jax 0.7.1 ignores them)."""
+def jax_reads_strides() -> bool:
+    """Whether this jax's from_dlpack honours strides (jax 0.7.1 reads a
+    transposed tensor as if it were contiguous, silently)."""
     probe = torch.arange(6.0).reshape(2, 3).t()
     try:
         return bool((np.asarray(jax.dlpack.from_dlpack(probe)) == probe.numpy()).all())
@@ -268,7 +305,7 @@ def _why_not_shared(t: torch.Tensor) -> str | None:
             "layout (a step slice, a partial slice or an expanded tensor); "
             "use `.contiguous()` to make one"
         )
-    if not t.is_contiguous() and not _jax_reads_strides():
+    if not t.is_contiguous() and not jax_reads_strides():
         return (
             f"this jax ({jax.__version__}) reads DLPack tensors as contiguous, so a transposed "
             "layout must be copied; use `.contiguous()` to make one"
@@ -294,62 +331,29 @@ def _jax_has_gpu() -> bool:
 
 def _narrow_x64(t: torch.Tensor, copy: bool | None) -> torch.Tensor:
     """With x64 off, turn a 64-bit tensor into its exact 32-bit form or raise."""
-    fix = (
-        "Enable 64-bit JAX with `jax.config.update('jax_enable_x64', True)` "
-        "(or JAX_ENABLE_X64=1) before creating arrays"
-    )
-    if t.dtype in (torch.float64, torch.complex128):
-        narrow = torch.float32 if t.dtype == torch.float64 else torch.complex64
-        raise X64Error(
-            f"to_jax got a {t.dtype} tensor of shape {tuple(t.shape)}, but JAX's x64 mode is "
-            f"off and narrowing to {narrow} would change its values. {fix}, or convert "
-            f"explicitly with `.to({narrow})`."
-        )
-    narrow = torch.int32 if t.dtype == torch.int64 else torch.uint32
+    what = f"the tensor of shape {tuple(t.shape)} given to to_jax"
+    narrow_to = x64.jax_dtype(t.dtype, what)
     if copy is False:
         raise SharingError(
             f"to_jax(copy=False) got a {t.dtype} tensor, but JAX's x64 mode is off, so it "
-            f"can only be held as {narrow} by a copy. {fix}, or allow the copy."
+            f"can only be held as {narrow_to} by a copy. Enable 64-bit JAX "
+            "(`jax_enable_x64`), or allow the copy."
         )
-    out = t.to(narrow)
-    bad = values_outside(t, out)
-    if bad is not None:
-        raise X64Error(
-            f"to_jax got a {t.dtype} tensor with {bad}, outside the range of {narrow}, and "
-            f"JAX's x64 mode is off, so JAX would corrupt them. {fix}."
-        )
-    return out
-
-
-def values_outside(t: torch.Tensor, narrowed: torch.Tensor) -> str | None:
-    """Describe the values of 64-bit integer `t` that `narrowed` (its 32-bit cast) lost.
-
-    Returns None when the cast is exact. Compares by round trip, since torch
-    has no min/max/comparison kernels for uint64.
-    """
-    if not t.numel():
-        return None
-    lost = narrowed.to(t.dtype) != t
-    if not bool(lost.any()):
-        return None
-    if t.dtype == torch.int64:
-        return f"values in [{t.min().item()}, {t.max().item()}]"
-    n = int(lost.sum())
-    # uint64 has no indexing kernel in older torch: pick the value through its int64 view
-    example = t.view(torch.int64)[lost][0].item() % 2**64
-    return f"{n} value{'s' if n > 1 else ''} such as {example}"
+    return x64.narrow(t, narrow_to, what)
 
 
 def _tensor_to_jax(t: torch.Tensor, copy: bool | None) -> jax.Array:
     _check_convertible(t)
     if t.requires_grad:
         t = t.detach()
-    if t.device.type == "xla":
-        from bridge import xla
-
-        return xla.tensor_to_jax(t, copy)
-    if t.dtype in dtypes.WIDE_DTYPES and not dtypes.x64_enabled():
-        return _share_with_jax(_narrow_x64(t, copy).contiguous())
+    narrowed = t.dtype in dtypes.WIDE_DTYPES and not dtypes.x64_enabled()
+    if narrowed:
+        t = _narrow_x64(t, copy)
+    exchange = _DEVICES.get(t.device.type)
+    if exchange is not None:
+        return exchange.to_jax(t, copy)
+    if narrowed:
+        return _share_with_jax(t.contiguous())
     if copy:
         return _share_with_jax(_private_copy(t))
     why = _why_not_shared(t)
@@ -425,10 +429,9 @@ def _array_to_torch(a: jax.Array, copy: bool | None) -> torch.Tensor:
     dtypes.to_torch_dtype(a.dtype)  # raises UnsupportedDtypeError with the fix
     if a.is_deleted():
         raise ValueError("to_torch got a JAX array whose buffer was deleted or donated.")
-    if next(iter(a.sharding.device_set)).platform == "tpu" and "torch_xla" in sys.modules:
-        from bridge import xla  # torch_xla is in use: TPU arrays land on its device
-
-        return xla.array_to_xla(a, copy)
+    for exchange in _DEVICES.values():
+        if exchange.takes_array is not None and exchange.takes_array(a):
+            return exchange.to_torch(a, copy)
     source, why = _single_buffer(a)
     if source is None:
         if copy is False:

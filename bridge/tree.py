@@ -20,9 +20,15 @@ from typing import Any, NamedTuple
 import jax
 import torch.utils._pytree as torch_pytree
 
-__all__ = ["ARRAY", "STATIC", "Partition", "TorchNode", "map_tree", "partition", "register_jax_pytree"]
-
-
+__all__ = [
+    "ARRAY",
+    "STATIC",
+    "Partition",
+    "TorchNode",
+    "map_tree",
+    "partition",
+    "register_jax_pytree",
+]
 
 
 def _is_model_output(obj: Any) -> bool:
@@ -213,14 +219,15 @@ class Partition(NamedTuple):
 
 
 def partition(
-    tree: Any, take: Callable[[Any, int], Any], who: str
+    tree: Any, take: Callable[[Any, int], Any], who: str, *, array: str = "an array"
 ) -> tuple[Partition, list[Any]]:
     """Split the leaves of `tree` (JAX's pytree registry) into arrays and static values.
 
     `take(leaf, i)` returns the value to pass for an array leaf (converted as
     the caller needs), `STATIC` for a leaf that is a static value, or raises
     `TypeError` for a leaf of the wrong kind. Static values become part of the
-    cache key, so they must be hashable; `who` names the caller in the error.
+    cache key, so they must be hashable; `who` names the caller and `array`
+    what it takes as arrays ("an XLA tensor") in the error.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     arrays: list[Any] = []
@@ -235,8 +242,8 @@ def partition(
             hash(leaf)
         except TypeError:
             raise TypeError(
-                f"{who}: argument leaf #{i} is a {type(leaf).__name__}, which is neither an "
-                "array nor a hashable constant. Non-array arguments are static values (part "
+                f"{who}: argument leaf #{i} is a {type(leaf).__name__}, which is neither "
+                f"{array} nor a hashable constant. Non-array arguments are static values (part "
                 "of the cache key) and must be hashable: pass a tuple instead of a list or "
                 "dict, or close over the value in the function."
             ) from None

@@ -29,16 +29,22 @@ jax 0.7.1, and jax 0.10 without torch_xla) is in the "Compatibility" section.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import itertools
 import sys
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import torch
+
+from bridge import dlpack, dtypes
+from bridge.dlpack import SharingError
+from bridge.tree import STATIC, Partition, map_tree, partition
 
 __all__ = [
     "available",
@@ -140,39 +146,42 @@ class _Capsule:
         return (1, 0)  # kDLCPU: torch_xla exports only its CPU device
 
 
-def _computation(fn: Callable, tensors: tuple, name: str) -> Callable:
-    """`fn` (flat arrays -> flat list of arrays) as a torch_xla user computation.
+class _Computation(NamedTuple):
+    """A JAX function lowered into torch_xla's graph, and what its lowering found."""
+
+    run: Callable[[list[torch.Tensor]], list[torch.Tensor]]  # flat tensors -> flat tensors
+    out_info: Any  # the function's output pytree, with jax.ShapeDtypeStruct leaves
+
+
+def _computation(fn: Callable, tensors: tuple, name: str) -> _Computation:
+    """`fn` (flat arrays -> a pytree of arrays) as a torch_xla user computation.
 
     This is `torch_xla.core.xla_builder.call_jax` minus its torchax dependency
     (torchax 0.0.13 imports flax at import time, which the torch_xla
     environment does not have): `fn` is lowered with `jax.jit` to an HLO
     module, which torch_xla adds to its graph as a user computation. The
-    result runs XLA tensors of `tensors`' signature inside the lazy graph; it
-    holds the HLO, not `fn`.
+    result runs XLA tensors of `tensors`' signature inside the lazy graph and
+    returns the flat leaves of `fn`'s output; it holds the HLO, not `fn`.
     """
     torch_xla = _require()
-    from bridge import dtypes
-
     # torch_xla must own the devices before JAX initialises (it would
     # otherwise lock the TPU), as torch_xla's own jax_import_guard does.
     torch_xla._XLAC._init_computation_client()
     avals = [jax.ShapeDtypeStruct(tuple(t.shape), dtypes.to_jax_dtype(t.dtype)) for t in tensors]
     with _gspmd_lowering():
-        lowered = jax.jit(lambda *xs: tuple(fn(*xs)), keep_unused=True).lower(*avals)
+        lowered = jax.jit(fn, keep_unused=True).lower(*avals)
     proto = lowered.compiler_ir("hlo").as_serialized_hlo_module_proto()
     computation = torch_xla._XLAC._xla_op_computation_from_module_proto(name, proto)
 
     def run(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(torch_xla._XLAC._xla_user_computation(name, inputs, computation))
 
-    return run
+    return _Computation(run, lowered.out_info)
 
 
 def _gspmd_lowering() -> Any:
     # torch_xla reads GSPMD sharding annotations, not Shardy's (torch_xla's
     # call_jax flips the global flag; a context keeps the user's setting).
-    import contextlib
-
     from jax._src import config
 
     state = getattr(config, "use_shardy_partitioner", None)
@@ -204,13 +213,9 @@ def tensor_to_jax(t: torch.Tensor, copy: bool | None) -> jax.Array:
 
     Shares the device buffer when torch_xla runs on its CPU device; otherwise
     (TPU) copies through the host onto JAX's default device, unless
-    `copy=False`, which raises `SharingError`.
+    `copy=False`, which raises `SharingError`. `bridge.to_jax` has narrowed
+    64-bit values already (the x64 rule of `bridge.x64`).
     """
-    from bridge import dtypes
-    from bridge.dlpack import SharingError, _narrow_x64, _tensor_to_jax
-
-    if t.dtype in dtypes.WIDE_DTYPES and not dtypes.x64_enabled():
-        t = _narrow_x64(t, copy)
     why = why_not_shared(t)
     if why is not None or copy:
         if copy is False:
@@ -219,7 +224,7 @@ def tensor_to_jax(t: torch.Tensor, copy: bool | None) -> jax.Array:
                 f"and dtype {t.dtype}: {why}. Pass copy=None to allow the transfer."
             )
         # Through the host: a private CPU tensor, then JAX's default device.
-        host = _tensor_to_jax(t.to("cpu"), copy=None)
+        host = dlpack.to_jax(t.to("cpu"))
         return host if jax.default_backend() == "cpu" else jax.device_put(host)
     _materialize([t])
     from torch_xla.utils import dlpack as xla_dlpack
@@ -238,8 +243,6 @@ def array_to_xla(
     a: jax.Array, copy: bool | None, device: torch.device | None = None
 ) -> torch.Tensor:
     """A JAX array as a torch_xla tensor: shared on torch_xla's CPU device, else a transfer."""
-    from bridge.dlpack import SharingError, _array_to_torch
-
     device = torch.device(device) if device is not None else xla_device()
     platform = next(iter(a.devices())).platform
     shareable = _shareable() and platform == "cpu" and len(a.sharding.device_set) == 1
@@ -255,8 +258,18 @@ def array_to_xla(
             f"'{platform}' with torch_xla's {device_type()} device '{device}': torch_xla's "
             "DLPack covers only its CPU device. Pass copy=None to allow the transfer."
         )
-    host = _array_to_torch(a, copy=None) if platform == "cpu" else torch.from_numpy(np.array(a))
+    host = dlpack.to_torch(a) if platform == "cpu" else torch.from_numpy(np.array(a))
     return host.to(device)
+
+
+def _lands_on_xla(a: jax.Array) -> bool:
+    # torch_xla is in use: `to_torch` puts TPU arrays on its device.
+    return "torch_xla" in sys.modules and next(iter(a.sharding.device_set)).platform == "tpu"
+
+
+dlpack.register_device(
+    "xla", to_jax=tensor_to_jax, to_torch=array_to_xla, takes_array=_lands_on_xla
+)
 
 
 def to_xla(tree: Any, *, copy: bool | None = None, device: torch.device | str | None = None) -> Any:
@@ -272,9 +285,6 @@ def to_xla(tree: Any, *, copy: bool | None = None, device: torch.device | str | 
     Returns:
         The same structure with XLA-device tensors in place of arrays/tensors.
     """
-    from bridge.dlpack import SharingError
-    from bridge.tree import map_tree
-
     _require()
     dev = torch.device(device) if device is not None else xla_device()
 
@@ -304,90 +314,109 @@ def _inexact(dtype: Any) -> bool:
     return bool(np.issubdtype(np.dtype(dtype), np.inexact))
 
 
+class _Lowered(NamedTuple):
+    """What lowering an entry's forward found: the outputs and the residuals."""
+
+    out_def: Any  # the structure of fn's output
+    out_inexact: tuple[bool, ...]  # per output leaf: floating (has a gradient)
+    vjp_def: Any  # the structure of the VJP's residuals (None when not differentiable)
+
+
 class _Entry:
     """One (function, argument signature, differentiability) of `xla_call`.
 
-    Holds what tracing learns and torch needs afterwards: the output
-    structure and the structure of the VJP's residuals, and the forward and
-    backward computations (traced and lowered once per entry). An entry lives
-    in the cache of its function (`_entries_of`) and refers to the function
-    only weakly, so nothing here keeps a dropped function alive.
+    Holds the forward and backward computations (traced and lowered once per
+    entry) and what their lowering returned: the output structure and the
+    structure of the VJP's residuals, which torch needs to rebuild outputs
+    and run the backward. An entry lives in the cache of its function
+    (`_CACHES`) and refers to the function only weakly, so nothing here
+    keeps a dropped function alive.
     """
 
-    def __init__(
-        self, fn: Callable[[], Callable | None], statics: tuple, treedef: Any, diff: tuple
-    ) -> None:
+    def __init__(self, fn: Callable[[], Callable | None], part: Partition, diff: tuple) -> None:
         self.fn = fn  # () -> the function, or None once it was freed
-        self.statics = statics
-        self.treedef = treedef
+        self.part = part
         self.diff = diff
         n = next(_keys)
         self._names = (f"xla::bridge_fwd_{n}", f"xla::bridge_bwd_{n}")
-        self._runs: list[Callable | None] = [None, None]
-        self.out_def: Any = None
-        self.out_inexact: tuple[bool, ...] = ()
-        self.vjp_def: Any = None
+        self._computations: list[_Computation | None] = [None, None]
+        self.lowered: _Lowered | None = None  # set when the forward is lowered
 
     def call(self, arrays: tuple) -> Any:
         fn = self.fn()
         if fn is None:  # pragma: no cover - the caller holds fn while it traces
             raise RuntimeError("bridge.xla.xla_call: the JAX function was deleted while in use.")
-        it = iter(arrays)
-        leaves = [next(it) if s is _TENSOR else s for s in self.statics]
-        args, kwargs = jax.tree_util.tree_unflatten(self.treedef, leaves)
+        args, kwargs = self.part.fill(arrays)
         return fn(*args, **kwargs)
 
     def run(self, which: int, tensors: tuple) -> list[torch.Tensor]:
-        """Run the forward (`which=0`: `plain` or `forward`) or the `backward` (1)."""
-        run = self._runs[which]
-        if run is None:
-            traced = self.backward if which else self.forward if any(self.diff) else self.plain
-            run = self._runs[which] = _computation(traced, tensors, self._names[which])
-        return run(list(tensors))
+        """Run the forward (`which=0`: `call_flat` or `forward`) or the backward (1).
 
-    def record_outputs(self, out: Any) -> list[Any]:
-        leaves, out_def = jax.tree_util.tree_flatten(out)
-        self.out_def = out_def
-        self.out_inexact = tuple(_inexact(x.dtype) for x in leaves)
-        return leaves
+        The forward is lowered first; its lowering returns the output and
+        residual structures (`lowered`), which the backward is built from.
+        """
+        computation = self._computations[which]
+        if computation is None:
+            if which:
+                traced = functools.partial(_backward, self.lowered.vjp_def)
+            else:
+                traced = self.forward if any(self.diff) else self.call_flat
+            computation = _computation(traced, tensors, self._names[which])
+            if not which:
+                self.lowered = _lowered(computation.out_info, any(self.diff))
+            self._computations[which] = computation
+        return computation.run(list(tensors))
 
-    # The three JAX functions handed to call_jax (flat tensors in, flat out).
+    # The JAX functions handed to torch_xla: flat arrays in, a pytree out.
 
-    def plain(self, *arrays: Any) -> list[Any]:
-        return self.record_outputs(self.call(arrays))
+    def call_flat(self, *arrays: Any) -> Any:
+        return self.call(arrays)
 
-    def forward(self, *arrays: Any) -> list[Any]:
+    def forward(self, *arrays: Any) -> tuple[Any, Any]:
+        """(fn's output, the VJP with respect to the differentiable inputs)."""
         idx = [i for i, d in enumerate(self.diff) if d]
+        structure: list[tuple[Any, list[bool]]] = []  # g's output, seen as jax.vjp traces it
 
         def g(*d: Any) -> tuple[list[Any], list[Any]]:
             full = list(arrays)
             for i, v in zip(idx, d, strict=True):
                 full[i] = v
-            leaves = self.record_outputs(self.call(tuple(full)))
-            diff_out = [x for x, f in zip(leaves, self.out_inexact, strict=True) if f]
-            other = [x for x, f in zip(leaves, self.out_inexact, strict=True) if not f]
+            leaves, out_def = jax.tree_util.tree_flatten(self.call(tuple(full)))
+            inexact = [_inexact(x.dtype) for x in leaves]
+            structure.append((out_def, inexact))
+            diff_out = [x for x, f in zip(leaves, inexact, strict=True) if f]
+            other = [x for x, f in zip(leaves, inexact, strict=True) if not f]
             return diff_out, other
 
         diff_out, vjp, other = jax.vjp(g, *[arrays[i] for i in idx], has_aux=True)
-        residuals, self.vjp_def = jax.tree_util.tree_flatten(vjp)
+        ((out_def, inexact),) = structure
         d_it, o_it = iter(diff_out), iter(other)
-        outs = [next(d_it) if f else next(o_it) for f in self.out_inexact]
-        return [*outs, *residuals]
-
-    def backward(self, *arrays: Any) -> list[Any]:
-        n_res = self.vjp_def.num_leaves
-        vjp = jax.tree_util.tree_unflatten(self.vjp_def, arrays[:n_res])
-        return list(vjp(list(arrays[n_res:])))
+        outs = [next(d_it) if f else next(o_it) for f in inexact]
+        return jax.tree_util.tree_unflatten(out_def, outs), vjp
 
 
-_TENSOR = object()  # marks a tensor slot in a signature
+def _lowered(out_info: Any, differentiable: bool) -> _Lowered:
+    out, vjp = out_info if differentiable else (out_info, None)
+    leaves, out_def = jax.tree_util.tree_flatten(out)
+    vjp_def = None if vjp is None else jax.tree_util.tree_structure(vjp)
+    return _Lowered(out_def, tuple(_inexact(x.dtype) for x in leaves), vjp_def)
 
-# function (or a bound method's object) -> {signature: _Entry}. Weak keys, and
-# entries hold the function weakly: the cache dies with the function.
+
+def _backward(vjp_def: Any, *arrays: Any) -> list[Any]:
+    """The backward handed to torch_xla: (residuals, output cotangents) -> input cotangents."""
+    n_res = vjp_def.num_leaves
+    vjp = jax.tree_util.tree_unflatten(vjp_def, arrays[:n_res])
+    return list(vjp(list(arrays[n_res:])))
+
+
+# function (or a bound method's object) -> {signature: _Entry}: each function's
+# own cache, held weakly (the key is the function, and its entries refer to it
+# weakly), so a cache lives exactly as long as its function and keeps it from
+# nothing; it holds no entry for a function that is gone.
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _entry(fn: Callable, treedef: Any, statics: tuple, tensors: list, diff: tuple) -> _Entry:
+def _entry(fn: Callable, part: Partition, tensors: list, diff: tuple) -> _Entry:
     """The cached entry of `fn` for this signature (a fresh one if `fn` cannot be cached)."""
     if inspect.ismethod(fn):  # `module.method` is a new object at every access
         owner, func, ref = fn.__self__, fn.__func__, weakref.WeakMethod(fn)
@@ -405,11 +434,11 @@ def _entry(fn: Callable, treedef: Any, statics: tuple, tensors: list, diff: tupl
         table = None
     if table is None:
         # Not weakly referable: traced on every call rather than kept forever.
-        return _Entry(lambda: fn, statics, treedef, diff)
-    sig = (func, treedef, statics, tuple((t.shape, t.dtype) for t in tensors), diff)
+        return _Entry(lambda: fn, part, diff)
+    sig = (func, part, tuple((t.shape, t.dtype) for t in tensors), diff)
     entry = table.get(sig)
     if entry is None:
-        entry = table[sig] = _Entry(ref, statics, treedef, diff)
+        entry = table[sig] = _Entry(ref, part, diff)
     return entry
 
 
@@ -417,14 +446,12 @@ class _XlaJaxFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, entry: _Entry, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         flat = entry.run(0, tensors)
-        n_out = len(entry.out_inexact)
-        outs, residuals = flat[:n_out], flat[n_out:]
+        inexact = entry.lowered.out_inexact
+        outs, residuals = flat[: len(inexact)], flat[len(inexact) :]
         ctx.entry = entry
         ctx.out_meta = [(o.shape, o.dtype, o.device) for o in outs]
         ctx.save_for_backward(*residuals)
-        ctx.mark_non_differentiable(
-            *[o for o, f in zip(outs, entry.out_inexact, strict=True) if not f]
-        )
+        ctx.mark_non_differentiable(*[o for o, f in zip(outs, inexact, strict=True) if not f])
         return tuple(outs)
 
     @staticmethod
@@ -434,7 +461,7 @@ class _XlaJaxFunction(torch.autograd.Function):
         cts = [
             g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
             for g, (shape, dtype, device), f in zip(
-                grads, ctx.out_meta, entry.out_inexact, strict=True
+                grads, ctx.out_meta, entry.lowered.out_inexact, strict=True
             )
             if f
         ]
@@ -470,10 +497,8 @@ def xla_call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
             non-tensor argument.
     """
     _require()
-    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-    tensors: list[torch.Tensor] = []
-    statics: list[Any] = []
-    for i, leaf in enumerate(leaves):
+
+    def take(leaf: Any, i: int) -> Any:
         if isinstance(leaf, torch.Tensor):
             if leaf.device.type != "xla":
                 raise TypeError(
@@ -481,29 +506,22 @@ def xla_call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
                     "XLA device. Move it with `.to(torch_xla.device())` (JAX runs inside the "
                     "torch_xla graph, so every tensor must be there)."
                 )
-            tensors.append(leaf)
-            statics.append(_TENSOR)
-            continue
+            return leaf
         if isinstance(leaf, jax.Array):
             raise TypeError(
                 f"xla_call: argument leaf #{i} is a JAX array; pass XLA tensors "
                 "(bridge.xla.to_xla(array)) or close over constants in `fn`."
             )
-        try:
-            hash(leaf)
-        except TypeError:
-            raise TypeError(
-                f"xla_call: argument leaf #{i} is a {type(leaf).__name__}, neither an XLA "
-                "tensor nor a hashable constant."
-            ) from None
-        statics.append(leaf)
+        return STATIC
+
+    part, tensors = partition((args, kwargs), take, "xla_call", array="an XLA tensor")
     grad = torch.is_grad_enabled()
     diff = tuple(
         grad and t.requires_grad and (t.is_floating_point() or t.is_complex()) for t in tensors
     )
-    entry = _entry(fn, treedef, tuple(statics), tensors, diff)
+    entry = _entry(fn, part, tensors, diff)
     if any(diff):
         outs = _XlaJaxFunction.apply(entry, *tensors)
     else:
         outs = entry.run(0, tuple(tensors))
-    return jax.tree_util.tree_unflatten(entry.out_def, list(outs))
+    return jax.tree_util.tree_unflatten(entry.lowered.out_def, list(outs))

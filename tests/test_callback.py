@@ -24,6 +24,7 @@ from jax import export as jax_export
 from torch._subclasses.fake_tensor import FakeTensor
 
 from bridge import X64Error, callback
+from bridge.callback import graphs, primitive
 
 RTOL = 1e-5
 
@@ -71,9 +72,9 @@ def mlp_args():
 def no_graph_left_behind():
     """Every test must leave no torch autograd graph waiting for a backward."""
     yield
-    if len(callback._GRAPHS):
+    if len(graphs.PENDING):
         gc.collect()  # graphs of eager vjps go when their token arrays are collected
-    assert len(callback._GRAPHS) == 0
+    assert len(graphs.PENDING) == 0
 
 
 # --------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_dataclass_outputs_become_jax_pytrees():
 
 @pytest.mark.skipif(
     callback.TRANSPORT != "buffer_callback",
-    reason="this jax takes the copying pure_callback transport (jax < 0.10, see bridge/callback.py)",
+    reason="this jax takes the copying pure_callback transport (jax < 0.10, see bridge/callback/primitive.py)",
 )
 def test_torch_receives_the_buffers_jax_holds_under_jit():
     seen = []
@@ -212,7 +213,7 @@ def test_eager_calls_share_inputs_and_outputs():
 
 
 def test_pure_callback_fallback_gives_the_same_values(monkeypatch, mlp_args):
-    monkeypatch.setattr(callback, "_buffer_callback", None)
+    monkeypatch.setattr(primitive, "_buffer_callback", None)
     arrays = [jnp.asarray(a) for a in mlp_args]
     jfn = callback.wrap(mlp)
     f = jax.jit(lambda *a: jfn(*a) + 0.0)  # a fresh trace, lowered with pure_callback
@@ -260,13 +261,13 @@ def test_vjp_function_can_be_called_twice_and_frees_its_graph():
     jfn = callback.wrap(lambda x: torch.exp(x) * x)
     x = jnp.linspace(-1.0, 1.0, 5)
     out, vjp_fn = jax.vjp(jfn, x)
-    assert len(callback._GRAPHS) == 1
+    assert len(graphs.PENDING) == 1
     expected = np.exp(x) * (1 + x) * 3
     close(vjp_fn(3 * jnp.ones(5))[0], expected)
     close(vjp_fn(3 * jnp.ones(5))[0], expected)
     del vjp_fn
     gc.collect()
-    assert len(callback._GRAPHS) == 0
+    assert len(graphs.PENDING) == 0
 
 
 def test_backward_recomputes_when_the_saved_graph_is_gone(monkeypatch):

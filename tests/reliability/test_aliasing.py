@@ -69,7 +69,7 @@ def test_fingerprint_covers_every_dtype(dtype):
 
 
 @pytest.mark.skipif(
-    not bridge.dlpack._jax_reads_strides(), reason="this jax copies transposed tensors"
+    not bridge.dlpack.jax_reads_strides(), reason="this jax copies transposed tensors"
 )
 def test_data_write_into_a_shared_transposed_tensor_is_caught():
     t = _aligned((4, 6)).t()  # dense but permuted: still shared

@@ -22,6 +22,7 @@ import torch
 
 import bridge
 from bridge import callback
+from bridge.callback import graphs
 
 _RSS = """
 import ctypes, gc, json, psutil
@@ -208,7 +209,7 @@ def test_callback_dropped_vjp_under_jit_is_bounded():
             y, vjp_fn = fv(x)
             y.block_until_ready()
             del y, vjp_fn
-        assert len(callback._GRAPHS) == 4
+        assert len(callback.graphs.PENDING) == 4
         """
     )
     assert growth < 16, f"RSS grew {growth:.1f} MiB over 100 jitted vjps with dropped vjp_fn"
@@ -221,19 +222,19 @@ def test_pending_graphs_are_bounded_in_bytes(monkeypatch):
     fv = jax.jit(lambda x: jax.vjp(f, x))
     x = jnp.linspace(-1.0, 1.0, 256 * 256).reshape(256, 256)
     fv(x)[1](jnp.ones(()))  # compile; its backward consumes its graph
-    assert len(callback._GRAPHS) == 0
+    assert len(graphs.PENDING) == 0
     monkeypatch.setattr(callback, "MAX_PENDING_BYTES", 600_000)
     pending = [fv(x)[1] for _ in range(5)]
-    assert len(callback._GRAPHS) == 2 and callback._GRAPHS.nbytes == 2 * 256 * 256 * 4
+    assert len(graphs.PENDING) == 2 and graphs.PENDING.nbytes == 2 * 256 * 256 * 4
     expected = jnp.tanh(x) + x * (1 - jnp.tanh(x) ** 2)
     for vjp_fn in pending:  # three recompute, two use their graph
         np.testing.assert_allclose(vjp_fn(jnp.ones(()))[0], expected, rtol=1e-5, atol=1e-6)
-    assert len(callback._GRAPHS) == 0 and callback._GRAPHS.nbytes == 0
+    assert len(graphs.PENDING) == 0 and graphs.PENDING.nbytes == 0
 
 
 def _live_graphs() -> int:
     gc.collect()
-    return sum(isinstance(o, callback._Graph) for o in gc.get_objects())
+    return sum(isinstance(o, graphs.Graph) for o in gc.get_objects())
 
 
 def test_callback_eager_grad_frees_its_graph():
