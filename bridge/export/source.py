@@ -36,8 +36,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.extend import core as jcore
 from jax.export import is_symbolic_dim
+from jax.extend import core as jcore
 
 from bridge.export import printers as P
 from bridge.export.printers import Call, Expr, Lambda, Raw, Seq, UnsupportedPrimitiveError
@@ -240,7 +240,13 @@ class Function(P.Ctx):
         self.lines.append(prefix + P.render(expr, len(prefix), 4))
 
     def emit(self, eqn: Eqn, names: Sequence[str], comment: str | None = None) -> None:
-        expr, target = self.expression(eqn, list(names))
+        try:
+            expr, target = self.expression(eqn, list(names))
+        except ConstantError as e:
+            if " (an operand of " in str(e):
+                raise
+            raise ConstantError(f"{e} (an operand of {eqn.primitive.name} in "
+                                f"{eqn.scope or 'the unscoped program'})") from None
         self.statement(target, expr, comment)
 
     def expression(self, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
