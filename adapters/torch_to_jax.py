@@ -29,9 +29,17 @@ from bridge import checks as checks_lib
 from bridge import dtypes, interpreter
 from bridge.dlpack import to_jax
 from bridge.ops.registry import MissingKeyError
-from bridge.tree import map_tree
+from bridge.tree import ARRAY, STATIC, map_tree, partition
 
-__all__ = ["MissingKeyError", "torch_to_jax", "torch_to_jax_with_state"]
+__all__ = [
+    "ConvertedApply",
+    "FunctionApply",
+    "MissingKeyError",
+    "ModuleApply",
+    "StatefulApply",
+    "torch_to_jax",
+    "torch_to_jax_with_state",
+]
 
 Params = dict[str, jax.Array]
 
@@ -64,37 +72,18 @@ def torch_to_jax(
         the module's output structure. Buffers are used as they are in the
         module; a forward that updates buffers (train-mode BatchNorm) raises
         and points to `torch_to_jax_with_state`. For a function, a JAX
-        function with the same arguments.
+        function with the same arguments. Either callable is a
+        `ConvertedApply` whose `converted` attribute is the conversion
+        behind it (for introspection).
     """
     _check_convertible(module_or_fn, "torch_to_jax")
     if isinstance(module_or_fn, torch.nn.Module):
         converted = _Converted(module_or_fn, mode=mode, strict=strict, checks=checks)
-        params = converted.params()
-
-        def apply(params: Params, *args: Any, rng: jax.Array | None = None, **kwargs: Any) -> Any:
-            out, new_state = converted(params, converted.state(), args, kwargs, rng)
-            if new_state:
-                raise ValueError(
-                    "this module updates its buffers during forward ("
-                    + ", ".join(sorted(new_state))
-                    + "), e.g. BatchNorm running statistics in train mode. torch_to_jax would "
-                    "drop those updates; use bridge.torch_to_jax_with_state(module) to get them "
-                    "back as new_state, or call module.eval() before converting."
-                )
-            return out
-
-        apply.converted = converted  # for introspection and tests
-        return apply, params
+        return ModuleApply(converted), converted.params()
     if callable(module_or_fn):
-        converted = _Converted(_FunctionModule(module_or_fn), mode=mode, strict=strict, checks=checks)
-
-        @functools.wraps(module_or_fn)
-        def fn(*args: Any, rng: jax.Array | None = None, **kwargs: Any) -> Any:
-            out, _ = converted({}, converted.state(), args, kwargs, rng)
-            return out
-
-        fn.converted = converted
-        return fn
+        module = _FunctionModule(module_or_fn)
+        fn = FunctionApply(_Converted(module, mode=mode, strict=strict, checks=checks))
+        return functools.update_wrapper(fn, module_or_fn)
     raise TypeError(
         f"torch_to_jax takes an nn.Module or a function of torch tensors, got {type(module_or_fn).__name__}."
     )
@@ -115,16 +104,71 @@ def torch_to_jax_with_state(
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"torch_to_jax_with_state takes an nn.Module, got {type(module).__name__}.")
     converted = _Converted(module, mode=mode, strict=strict, checks=checks)
+    return StatefulApply(converted), converted.params(), converted.state()
 
-    def apply(
-        params: Params, state: Params, *args: Any, rng: jax.Array | None = None, **kwargs: Any
+
+class ConvertedApply:
+    """What `torch_to_jax` and `torch_to_jax_with_state` return as `apply`: a plain callable.
+
+    jit, grad, vmap and sharding treat it like any function. `converted`
+    is the conversion behind it (the module, its shared params and buffers,
+    and its graphs cached per input signature), for introspection.
+    """
+
+    def __init__(self, converted: _Converted) -> None:
+        self.converted = converted
+
+    def __repr__(self) -> str:
+        module = self.converted.module
+        what = module.fn if isinstance(module, _FunctionModule) else module
+        return f"<{type(self).__name__} of {getattr(what, '__qualname__', type(what).__name__)}>"
+
+
+class ModuleApply(ConvertedApply):
+    """`apply(params, *args, rng=None, **kwargs)` of a module converted by `torch_to_jax`."""
+
+    def __call__(
+        self, params: Params, *args: Any, rng: jax.Array | None = None, **kwargs: Any
+    ) -> Any:
+        converted = self.converted
+        out, new_state = converted(params, converted.state(), args, kwargs, rng)
+        if new_state:
+            raise ValueError(
+                "this module updates its buffers during forward ("
+                + ", ".join(sorted(new_state))
+                + "), e.g. BatchNorm running statistics in train mode. torch_to_jax would "
+                "drop those updates; use bridge.torch_to_jax_with_state(module) to get them "
+                "back as new_state, or call module.eval() before converting."
+            )
+        return out
+
+
+class FunctionApply(ConvertedApply):
+    """A torch function converted by `torch_to_jax`: the same arguments, JAX values."""
+
+    def __call__(self, *args: Any, rng: jax.Array | None = None, **kwargs: Any) -> Any:
+        converted = self.converted
+        return converted({}, converted.state(), args, kwargs, rng)[0]
+
+
+class StatefulApply(ConvertedApply):
+    """`apply(params, state, *args, rng=None, **kwargs) -> (out, new_state)`.
+
+    What `torch_to_jax_with_state` returns.
+    """
+
+    def __call__(
+        self,
+        params: Params,
+        state: Params,
+        *args: Any,
+        rng: jax.Array | None = None,
+        **kwargs: Any,
     ) -> tuple[Any, Params]:
+        converted = self.converted
         converted.check_state(state)
         out, updates = converted(params, state, args, kwargs, rng)
         return out, {**state, **updates}
-
-    apply.converted = converted
-    return apply, converted.params(), converted.state()
 
 
 def _check_convertible(obj: Any, api: str) -> None:
@@ -213,10 +257,11 @@ class _Converted:
         self, params: Params, state: Params, args: tuple, kwargs: dict, rng: jax.Array | None
     ) -> tuple[Any, Params]:
         self.check_params(params)
-        leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+        split, arrays = partition((args, kwargs), _take, "apply()")
+        shapes = iter(arrays)
         sig = capture_lib.Signature(
-            treedef=treedef,
-            leaves=tuple(_leaf_signature(x) for x in leaves),
+            treedef=split.treedef,
+            leaves=tuple(_aval(next(shapes)) if s is ARRAY else s[1] for s in split.slots),
             training=tuple(m.training for m in self.module.modules()),
             x64=dtypes.x64_enabled(),
         )
@@ -226,7 +271,6 @@ class _Converted:
                 graph_fn = self._graphs.get(sig)
                 if graph_fn is None:
                     graph_fn = self._graphs[sig] = self._build(sig)
-        arrays = [x for x in leaves if _is_array(x)]
         return graph_fn(params, state, arrays, rng)
 
     def _build(self, sig: capture_lib.Signature) -> Callable:
@@ -376,21 +420,17 @@ def _is_array(x: Any) -> bool:
     )
 
 
-def _leaf_signature(x: Any) -> Any:
+def _take(x: Any, i: int) -> Any:
+    """An array argument of apply() as it is, or STATIC (for `bridge.tree.partition`)."""
     if isinstance(x, torch.Tensor):
         raise TypeError(
             "apply() takes JAX arrays, got a torch.Tensor; convert it with bridge.to_jax(tensor)."
         )
-    if _is_array(x):
-        return capture_lib.Leaf(tuple(x.shape), jax.numpy.dtype(x.dtype))
-    try:
-        hash(x)
-    except TypeError:
-        raise TypeError(
-            f"apply() got an argument of type {type(x).__name__} that is neither a JAX array "
-            "nor a hashable static value (int, float, bool, str, None)."
-        ) from None
-    return x
+    return x if _is_array(x) else STATIC
+
+
+def _aval(x: Any) -> capture_lib.Leaf:
+    return capture_lib.Leaf(tuple(x.shape), jax.numpy.dtype(x.dtype))
 
 
 def _unflatten_outputs(leaves: list[Any], out_spec: Any) -> Any:
