@@ -255,6 +255,39 @@ def test_unknown_primitive_is_named():
         emit(fn, (_r(3),))
 
 
+_EMIT_SCRIPT = """
+import jax, jax.numpy as jnp
+from jax import lax
+from bridge.export.source import emit_function
+
+def f(x, w):
+    h, ys = lax.scan(lambda h, xt: (jnp.tanh(h @ w + xt), h.sum()), jnp.zeros(4), x)
+    with jax.named_scope("block/linear_1"):
+        y = jax.nn.relu(x @ w) + 1.0
+    with jax.named_scope("block/softmax_2"):
+        z = jax.nn.softmax(y) * jax.nn.gelu(y)
+    return h, ys, jax.nn.logsumexp(z, -1), y, z
+
+specs = (jax.ShapeDtypeStruct((6, 4), jnp.float32), jax.ShapeDtypeStruct((4, 4), jnp.float32))
+print(emit_function(f, specs, name="forward", arg_names=["x", "w"], comments={"linear_1": "y"}))
+"""
+
+
+def test_text_is_identical_across_processes():
+    import os
+
+    texts = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", _EMIT_SCRIPT], capture_output=True,
+                              text=True, cwd=ROOT, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        texts.append(done.stdout)
+    assert texts[0] == texts[1]
+    assert "    # y\n    block_linear = _linear(x, w)\n" in texts[0]
+    assert "\n    block_softmax = _softmax(block_linear)\n" in texts[0]
+
+
 # ---------------------------------------------------------------- symbolic shapes
 
 

@@ -29,6 +29,7 @@ The primitive table is bridge/export/printers.py.
 
 from __future__ import annotations
 
+import builtins
 import keyword
 import re
 from collections.abc import Callable, Sequence
@@ -47,6 +48,7 @@ __all__ = ["UnsupportedPrimitiveError", "emit_function"]
 _INLINE = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat")
 _MODULES = ("jax", "jnp", "lax", "np", "math")
 _RESERVED = frozenset(_MODULES) | {"carry", "xs", "primals", "tangents", "args"}
+_BUILTINS = frozenset(dir(builtins))
 _PLACEHOLDER = "\x00"  # a helper's name in its text, until the text is deduplicated
 _WIDTH = 100
 
@@ -128,13 +130,14 @@ def dce(eqns: list[Eqn], outs: Sequence[Any]) -> list[Eqn]:
 
 
 def sanitize(text: str) -> str:
-    """A lower-case identifier: non-alphanumerics become underscores."""
+    """A lower-case identifier: non-alphanumerics become underscores; Python's keywords and
+    builtins (`and`, `slice`, `max`) get a trailing underscore."""
     name = re.sub(r"_+", "_", re.sub(r"[^0-9a-zA-Z_]", "_", text.lower())).strip("_")
     if not name:
         return "v"
     if name[0].isdigit():
         name = "m" + name
-    return name + "_" if keyword.iskeyword(name) else name
+    return name + "_" if keyword.iskeyword(name) or name in _BUILTINS else name
 
 
 class Namer:
@@ -237,7 +240,10 @@ class Function(P.Ctx):
             room = _WIDTH - 6
             self.lines.append(f"    # {text if len(text) <= room else text[: room - 3] + '...'}")
         prefix = f"    {target} = " if target else "    "
-        self.lines.append(prefix + P.render(expr, len(prefix), 4))
+        if len(prefix) > _WIDTH // 2 and ", " in target and not target.startswith("("):
+            names = "".join(f"        {n},\n" for n in target.split(", "))
+            prefix = f"    (\n{names}    ) = "
+        self.lines.append(prefix + P.render(expr, len(prefix.split("\n")[-1]), 4))
 
     def emit(self, eqn: Eqn, names: Sequence[str], comment: str | None = None) -> None:
         try:
