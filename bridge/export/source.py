@@ -47,7 +47,7 @@ __all__ = ["UnsupportedPrimitiveError", "emit_function"]
 
 _INLINE = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat")
 _MODULES = ("jax", "jnp", "lax", "np", "math")
-_RESERVED = frozenset(_MODULES) | {"carry", "xs", "primals", "tangents", "args"}
+_RESERVED = frozenset(_MODULES) | {"carry", "xs", "primals", "tangents", "args", "a", "b"}
 _BUILTINS = frozenset(dir(builtins))
 _PLACEHOLDER = "\x00"  # a helper's name in its text, until the text is deduplicated
 _WIDTH = 100
@@ -414,6 +414,21 @@ def _cond(fn: Function, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
     return expr, _unpack(names)
 
 
+def _reduce(fn: Function, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
+    """`lax.reduce` with a computation printed from the traced one (not a monoid JAX would
+    recognise, so it binds `reduce` again)."""
+    _check_params(eqn, ("computation", "jaxpr", "dimensions"), out_sharding=None)
+    n = len(eqn.outvars)
+    reducer, _ = subfunction(fn, eqn.params["jaxpr"], "reducer", None, True, extra_dims=False)
+    args = [fn.arg(a) for a in eqn.invars]
+    dims = fn.value(eqn.params["dimensions"])
+    if n == 1:
+        return Call("lax.reduce", (args[0], args[1], Raw(reducer), dims)), names[0]
+    computation = Lambda("a, b", Call(reducer, (Raw("*a"), Raw("*b"))))
+    expr = Call("lax.reduce", (Seq(tuple(args[:n])), Seq(tuple(args[n:])), computation, dims))
+    return expr, _unpack(names)
+
+
 def _custom_jvp(fn: Function, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
     """A `@jax.custom_jvp` helper: the primal printed from `call_jaxpr`, the rule from the
     jvp traced with every tangent nonzero (constants' tangents are ignored, as JAX does).
@@ -487,6 +502,7 @@ _SPECIAL: dict[str, Callable[[Function, Eqn, list[str]], tuple[Expr, str]]] = {
     "scan": _scan,
     "while": _while,
     "cond": _cond,
+    "reduce": _reduce,
     "custom_jvp_call": _custom_jvp,
     "custom_vjp_call": _refuse("custom_vjp functions are not printed yet"),
     "debug_callback": _refuse(
