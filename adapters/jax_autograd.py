@@ -33,7 +33,7 @@ import torch
 from bridge.adapters import jax_boundary as boundary
 from bridge.adapters.jax_flat import JaxFunction, Residuals
 
-__all__ = ["Run", "call"]
+__all__ = ["Run", "call", "differentiable_outputs"]
 
 Run = Callable[[JaxFunction, list[torch.Tensor]], list[torch.Tensor]]
 
@@ -62,16 +62,18 @@ def _forward(fn: JaxFunction, diff: tuple[bool, ...], tensors: Sequence[torch.Te
     return (*outs, _Saved(res, arrays, len(prim)))
 
 
+def differentiable_outputs(outs: Sequence[torch.Tensor], n_primary: int) -> list[bool]:
+    """Which outputs of a `JaxFunction` get gradients: differentiable primary ones."""
+    return [i < n_primary and boundary.differentiable(o) for i, o in enumerate(outs)]
+
+
 def _setup(
     ctx: Any, fn: JaxFunction, diff: tuple, run: Run, tensors: Sequence, output: tuple
 ) -> None:
     saved = output[-1]
     outs = output[:-1]
     ctx.fn, ctx.diff, ctx.run, ctx.res = fn, diff, run, saved
-    ctx.out_diff = [
-        i < saved.n_primary and (o.is_floating_point() or o.is_complex())
-        for i, o in enumerate(outs)
-    ]
+    ctx.out_diff = differentiable_outputs(outs, saved.n_primary)
     ctx.mark_non_differentiable(*[o for o, d in zip(outs, ctx.out_diff, strict=True) if not d])
     ctx.save_for_backward(*tensors)
 

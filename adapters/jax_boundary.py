@@ -27,8 +27,11 @@ from bridge.dlpack import to_jax, to_torch
 __all__ = [
     "Views",
     "avals",
+    "decode",
+    "differentiable",
     "encode",
     "is_key",
+    "key_impls",
     "jax_input",
     "remember_view",
     "signature",
@@ -159,11 +162,33 @@ def avals(sig: tuple) -> list[jax.ShapeDtypeStruct]:
     return [jax.ShapeDtypeStruct(s, d) for s, d in sig]
 
 
+def differentiable(t: torch.Tensor) -> bool:
+    """Whether torch autograd gives tensor `t` a gradient: floating and complex dtypes."""
+    return t.is_floating_point() or t.is_complex()
+
+
+# Typed PRNG keys cross the boundary as their raw key data (torch has no key
+# dtype): `encode` on the way out of JAX, `decode` with `key_impls` back in.
+
+
 def is_key(x: Any) -> bool:
     """Whether `x` is a typed PRNG key array (torch has no dtype for it)."""
     return isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def encode(x: Any) -> Any:
-    """Typed PRNG keys cross as their raw key data (torch has no key dtype)."""
+    """`x` as an array torch can hold: a typed PRNG key as its raw key data."""
     return jax.random.key_data(x) if is_key(x) else jnp.asarray(x)
+
+
+def key_impls(leaves: Sequence[Any]) -> tuple:
+    """Per leaf, its PRNG implementation if it is a typed key, else None (for `decode`)."""
+    return tuple(jax.random.key_impl(x) if is_key(x) else None for x in leaves)
+
+
+def decode(arrays: Sequence[Any], impls: tuple) -> list[Any]:
+    """`encode`d leaves back as they were: key data becomes typed keys again."""
+    return [
+        x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+        for x, impl in zip(arrays, impls, strict=True)
+    ]

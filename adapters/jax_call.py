@@ -73,10 +73,7 @@ def _op_setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> No
     n_out = jfn.n_primary + jfn.n_aux
     ctx.key, ctx.diff, ctx.n_in = key, tuple(diff), len(tensors)
     ctx.sig = boundary.signature(tensors)
-    ctx.out_diff = [
-        i < jfn.n_primary and (o.is_floating_point() or o.is_complex())
-        for i, o in enumerate(output)
-    ]
+    ctx.out_diff = jax_autograd.differentiable_outputs(output, jfn.n_primary)
     ctx.out_meta = [
         (o.shape, o.dtype, o.device) for o, d in zip(output, ctx.out_diff, strict=True) if d
     ]
@@ -125,9 +122,7 @@ def _tracing(tensors: Sequence[torch.Tensor]) -> bool:
 def run(fn: JaxFunction, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Call `fn` on `tensors` with torch autograd; returns primary + aux outputs."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    diff = tuple(
-        grad and t.requires_grad and (t.is_floating_point() or t.is_complex()) for t in tensors
-    )
+    diff = tuple(grad and t.requires_grad and boundary.differentiable(t) for t in tensors)
     if tensors and any(t.device.type == "xla" for t in tensors):
         # On torch_xla devices the JAX computation joins torch_xla's own graph.
         from bridge import xla

@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from bridge.adapters.jax_boundary import Views, encode, is_key
+from bridge.adapters.jax_boundary import Views, decode, encode, key_impls
 
 __all__ = ["Example", "JaxFunction", "Residuals", "function_for_key", "vjp_impl"]
 
@@ -69,8 +69,7 @@ class Residuals:
                 kept.append(leaf)
             else:
                 take.append(i)
-        impls = tuple(jax.random.key_impl(x) if is_key(x) else None for x in kept)
-        return cls(kept, treedef, tuple(take), impls)
+        return cls(kept, treedef, tuple(take), key_impls(kept))
 
     def encoded(self) -> list[Any]:
         """The kept leaves as arrays torch can hold (typed keys as key data)."""
@@ -78,11 +77,7 @@ class Residuals:
 
     def decoded(self, arrays: Sequence[Any]) -> Residuals:
         """These residuals with `arrays` (as `encoded` returns them) for leaves."""
-        leaves = [
-            x if impl is None else jax.random.wrap_key_data(x, impl=impl)
-            for x, impl in zip(arrays, self.impls, strict=True)
-        ]
-        return Residuals(leaves, self.treedef, self.take, self.impls)
+        return Residuals(decode(arrays, self.impls), self.treedef, self.take, self.impls)
 
     def vjp(self, xs: Sequence[Any]) -> Callable:
         leaves = [xs[i] if i >= 0 else self.leaves[-1 - i] for i in self.take]

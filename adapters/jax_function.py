@@ -80,14 +80,10 @@ class Tree:
 
     def __init__(self, tree: Any) -> None:
         leaves, self.treedef = jax.tree_util.tree_flatten(tree)
-        self.impls = tuple(jax.random.key_impl(x) if boundary.is_key(x) else None for x in leaves)
+        self.impls = boundary.key_impls(leaves)
 
     def unflatten(self, leaves: Sequence[Any]) -> Any:
-        leaves = [
-            x if impl is None else jax.random.wrap_key_data(x, impl=impl)
-            for x, impl in zip(leaves, self.impls, strict=True)
-        ]
-        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+        return jax.tree_util.tree_unflatten(self.treedef, boundary.decode(leaves, self.impls))
 
     def flatten(self, tree: Any, what: str) -> list[Any]:
         try:

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 import torch
-from bridge.adapters.jax_boundary import is_key, remember_view
+from bridge.adapters.jax_boundary import differentiable, encode, remember_view
 from bridge.adapters.jax_function import Spec, call_spec
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 from torch import nn
@@ -75,8 +75,7 @@ def _tensor_leaf(x: Any, where: str) -> tuple[torch.Tensor, jax.Array | None]:
                 f"jax_to_torch got a traced JAX value at {where}; build the module outside "
                 "jax.jit / grad / vmap, from concrete arrays."
             )
-        if is_key(x):
-            x = jax.random.key_data(x)
+        x = encode(x)  # a typed PRNG key is held as its key data
         return to_torch(x), x
     raise TypeError(
         f"jax_to_torch: the leaf at {where} is a {type(x).__name__}; parameters and state "
@@ -112,7 +111,7 @@ class JaxModule(_Params):
             where = ".".join(parts) or "the root of params"
             if id(leaf) not in made:
                 t, a = _tensor_leaf(leaf, where)
-                p = nn.Parameter(t, requires_grad=t.is_floating_point() or t.is_complex())
+                p = nn.Parameter(t, requires_grad=differentiable(t))
                 remember_view(spec.views, p, to_jax(p) if a is None else a)
                 made[id(leaf)] = p
             self._param_slots.append(self._register(parts, made[id(leaf)], "_parameters"))
