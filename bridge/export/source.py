@@ -24,12 +24,13 @@ function with `jax.make_jaxpr` and prints the equations back as `jax.lax` /
   (`np.float32(0.1)` parses back to the same bits); larger closed-over arrays are
   an error (pass them as inputs).
 
-The primitive table is bridge/export/printers.py.
+The primitive table is bridge/export/printers.py, the expression trees and exact
+value spellings bridge/export/pyexpr.py, the flattened program and the naming
+rules bridge/export/program.py.
 """
 
 from __future__ import annotations
 
-import builtins
 import keyword
 import re
 from collections.abc import Callable, Sequence
@@ -38,130 +39,29 @@ from typing import Any
 import jax
 import numpy as np
 from jax.export import is_symbolic_dim
-from jax.extend import core as jcore
 
 from bridge.export import printers as P
-from bridge.export.printers import Call, Expr, Lambda, Raw, Seq, UnsupportedPrimitiveError
+from bridge.export import pyexpr as X
+from bridge.export.printers import UnsupportedPrimitiveError
+from bridge.export.program import (
+    Const,
+    Eqn,
+    Namer,
+    Var,
+    dce,
+    flatten,
+    op_name,
+    sanitize,
+    scope_base,
+)
+from bridge.export.pyexpr import Call, Expr, Lambda, Raw, Seq
 
 __all__ = ["UnsupportedPrimitiveError", "emit_function"]
 
-_INLINE = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat")
 _MODULES = ("jax", "jnp", "lax", "np", "math")
-_RESERVED = frozenset(_MODULES) | {"carry", "xs", "primals", "tangents", "args", "a", "b"}
-_BUILTINS = frozenset(dir(builtins))
+_RESERVED = frozenset(_MODULES) | {"carry", "xs", "primals", "tangents", "args"}
 _PLACEHOLDER = "\x00"  # a helper's name in its text, until the text is deduplicated
 _WIDTH = 100
-
-
-# ---------------------------------------------------------------- the flat program
-
-
-class Var:
-    """A value of the flattened program (identity is the value)."""
-
-    __slots__ = ("aval",)
-
-    def __init__(self, aval: Any) -> None:
-        self.aval = aval
-
-
-class Const:
-    """A constant operand: a jaxpr literal or a closed-over constant."""
-
-    __slots__ = ("aval", "val")
-
-    def __init__(self, val: Any, aval: Any) -> None:
-        self.val, self.aval = val, aval
-
-
-class Eqn:
-    __slots__ = ("effects", "invars", "outvars", "params", "primitive", "scope")
-
-    def __init__(self, e: Any, invars: list, outvars: list[Var], scope: str) -> None:
-        self.primitive, self.params, self.effects = e.primitive, e.params, e.effects
-        self.invars, self.outvars, self.scope = invars, outvars, scope
-
-
-def _join(prefix: str, scope: str) -> str:
-    return "/".join(s for s in (prefix, scope) if s)
-
-
-def flatten(jaxpr: Any, consts: Sequence[Any], inputs: Sequence[Any], prefix: str = ""):
-    """`jaxpr`'s equations on `inputs` with nested calls inlined: (equations, outputs)."""
-    env: dict[Any, Any] = {}
-    for v, c in zip(jaxpr.constvars, consts, strict=True):
-        env[v] = Const(c, v.aval)
-    for v, a in zip(jaxpr.invars, inputs, strict=True):
-        env[v] = a
-
-    def read(a: Any) -> Any:
-        return Const(a.val, a.aval) if isinstance(a, jcore.Literal) else env[a]
-
-    eqns: list[Eqn] = []
-    for e in jaxpr.eqns:
-        scope = _join(prefix, str(e.source_info.name_stack))
-        ins = [read(a) for a in e.invars]
-        if e.primitive.name in _INLINE:
-            sub = e.params.get("jaxpr", e.params.get("call_jaxpr"))
-            sub_consts = getattr(sub, "consts", ())
-            inner, outs = flatten(getattr(sub, "jaxpr", sub), sub_consts, ins, scope)
-            eqns += inner
-        else:
-            outs = [Var(v.aval) for v in e.outvars]
-            eqns.append(Eqn(e, ins, outs, scope))
-        for v, o in zip(e.outvars, outs, strict=True):
-            if not isinstance(v, jcore.DropVar):
-                env[v] = o
-    return eqns, [read(v) for v in jaxpr.outvars]
-
-
-def dce(eqns: list[Eqn], outs: Sequence[Any]) -> list[Eqn]:
-    """The equations that outputs depend on (and those with effects)."""
-    live = {o for o in outs if isinstance(o, Var)}
-    kept = []
-    for e in reversed(eqns):
-        if e.effects or any(v in live for v in e.outvars):
-            kept.append(e)
-            live.update(a for a in e.invars if isinstance(a, Var))
-    return kept[::-1]
-
-
-# ---------------------------------------------------------------- names
-
-
-def sanitize(text: str) -> str:
-    """A lower-case identifier: non-alphanumerics become underscores; Python's keywords and
-    builtins (`and`, `slice`, `max`) get a trailing underscore."""
-    name = re.sub(r"_+", "_", re.sub(r"[^0-9a-zA-Z_]", "_", text.lower())).strip("_")
-    if not name:
-        return "v"
-    if name[0].isdigit():
-        name = "m" + name
-    return name + "_" if keyword.iskeyword(name) or name in _BUILTINS else name
-
-
-class Namer:
-    def __init__(self, reserved: Any = ()) -> None:
-        self.used = set(reserved)
-
-    def fresh(self, base: str, suffixes: Sequence[str] = ("",)) -> str:
-        i = 1
-        while True:
-            name = base if i == 1 else f"{base}_{i}"
-            if all(name + s not in self.used for s in suffixes):
-                self.used.update(name + s for s in suffixes)
-                return name
-            i += 1
-
-
-def scope_base(scope: str) -> str:
-    """`h/0/attn/c_attn/addmm_3` -> `h_0_attn_c_attn_addmm`."""
-    *path, node = scope.split("/")
-    return sanitize("_".join([*path, re.sub(r"_\d+$", "", node)]))
-
-
-def op_name(scope: str) -> str:
-    return sanitize(re.sub(r"_\d+$", "", scope.split("/")[-1]))
 
 
 # ---------------------------------------------------------------- the module
@@ -207,7 +107,7 @@ class Function(P.Ctx):
 
     # -- printer context
     def value(self, v: Any) -> Expr:
-        return P.value_expr(v, lambda d: P.dim_text(d, self.dim_name))
+        return X.value_expr(v, lambda d: X.dim_text(d, self.dim_name))
 
     def dim_name(self, symbol: str) -> str:
         if symbol not in self.module.dim_names:
@@ -223,8 +123,8 @@ class Function(P.Ctx):
     def arg(self, atom: Any) -> Expr:
         if isinstance(atom, Const):
             try:
-                return Raw(P.constant_text(atom.val, getattr(atom.aval, "dtype", None)))
-            except P.Unprintable as e:
+                return Raw(X.constant_text(atom.val, getattr(atom.aval, "dtype", None)))
+            except X.Unprintable as e:
                 raise ConstantError(str(e)) from e
         return Raw(self.names[atom])
 
@@ -243,7 +143,7 @@ class Function(P.Ctx):
         if len(prefix) > _WIDTH // 2 and ", " in target and not target.startswith("("):
             names = "".join(f"        {n},\n" for n in target.split(", "))
             prefix = f"    (\n{names}    ) = "
-        self.lines.append(prefix + P.render(expr, len(prefix.split("\n")[-1]), 4))
+        self.lines.append(prefix + X.render(expr, len(prefix.split("\n")[-1]), 4))
 
     def emit(self, eqn: Eqn, names: Sequence[str], comment: str | None = None) -> None:
         try:
@@ -280,7 +180,7 @@ class Function(P.Ctx):
             expr = items[0]
         else:
             expr = Seq(tuple(items))
-        text = P.render(expr, 11, 4)
+        text = X.render(expr, 11, 4)
         if isinstance(expr, Seq) and text.startswith("(") and len(expr.items) > 1 and "\n" not in text:
             text = text[1:-1]
         self.lines.append(f"    return {text}")
@@ -363,7 +263,7 @@ def _call_args(caller: Function, names: Sequence[str]) -> tuple[Expr, ...]:
 def _check_params(eqn: Eqn, handled: Sequence[str], **defaults: Any) -> None:
     try:
         P.expect_params(eqn, *handled, **defaults)
-    except P.Unprintable as e:
+    except X.Unprintable as e:
         raise UnsupportedPrimitiveError(f"cannot print {eqn.primitive.name}: {e}") from e
 
 
@@ -483,7 +383,7 @@ def _jvp_rule(fn: Function, jvp_fun: Any, n: int, nconsts: int) -> str:
         ret: Expr = Seq((prim_exprs[0], tan_exprs[0]))
     else:
         ret = Seq((Seq(tuple(prim_exprs)), Seq(tuple(tan_exprs))))
-    rule.lines.append("    return " + P.render(ret, 11, 4))
+    rule.lines.append("    return " + X.render(ret, 11, 4))
     cut = f"[{nconsts}:]" if nconsts else ""
     prologue = [f"    {_unpack(x_names)} = primals{cut}", f"    {_unpack(t_names)} = tangents{cut}"]
     text, _ = rule.text(_PLACEHOLDER + "_jvp", "primals, tangents", prologue,
@@ -561,10 +461,10 @@ def emit_function(fn: Callable, example_args: Sequence[Any], *, name: str,
     comments = comments or {}
     closed = jax.make_jaxpr(fn)(*example_args)
     for c in closed.consts:
-        if np.size(c) > P.SMALL_CONSTANT:
+        if np.size(c) > X.SMALL_CONSTANT:
             raise ConstantError(
                 f"{name}: the traced program closes over a constant array of shape "
-                f"{np.shape(c)}; only constants of at most {P.SMALL_CONSTANT} elements are "
+                f"{np.shape(c)}; only constants of at most {X.SMALL_CONSTANT} elements are "
                 "printed as code: pass it as an input (parameters and buffers are inputs).")
     module = Module(_dim_names(example_args, arg_names))
     params = [Var(v.aval) for v in closed.jaxpr.invars]
