@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from jax import lax
 
+from bridge.ops.operands import index_along, wrap_dim
 from bridge.ops.registry import DataDependentShapeError, lowering
 
 aten = torch.ops.aten
@@ -42,14 +43,6 @@ def _in_range(ctx, index, size: int, what: str, negative: bool) -> None:
         (index >= lo) & (index < size), IndexError,
         f"index out of range: {what} takes indices in [{lo}, {size})",
     )
-
-
-def _dim(d: int, ndim: int) -> int:
-    return d % max(ndim, 1)
-
-
-def _index_along(dim: int, index) -> tuple:
-    return (slice(None),) * dim + (index,)
 
 
 def _is_bool(index) -> bool:
@@ -137,20 +130,20 @@ def unsafe_masked_index_put_accumulate(ctx, x, mask, indices, values):
 
 @lowering(aten.index_select.default)
 def index_select(ctx, x, dim, index):
-    size = x.shape[_dim(dim, x.ndim)] if x.ndim else 1
+    size = x.shape[wrap_dim(dim, x.ndim)] if x.ndim else 1
     _in_range(ctx, index, size, f"dimension {dim} of size {size}", negative=False)
     if x.ndim == 0:
         return jnp.reshape(jnp.take(jnp.reshape(x, (1,)), jnp.ravel(index), axis=0), ctx.shape)
-    return jnp.take(x, jnp.ravel(index), axis=_dim(dim, x.ndim))
+    return jnp.take(x, jnp.ravel(index), axis=wrap_dim(dim, x.ndim))
 
 
 @lowering(aten.gather.default)
 def gather(ctx, x, dim, index, *, sparse_grad=False):
-    size = x.shape[_dim(dim, x.ndim)] if x.ndim else 1
+    size = x.shape[wrap_dim(dim, x.ndim)] if x.ndim else 1
     _in_range(ctx, index, size, f"dimension {dim} of size {size}", negative=False)
     if x.ndim == 0:
         return jnp.reshape(jnp.take(jnp.reshape(x, (1,)), jnp.ravel(index)), ctx.shape)
-    dim = _dim(dim, x.ndim)
+    dim = wrap_dim(dim, x.ndim)
     if index.size == 0:
         return jnp.zeros(ctx.shape, ctx.dtype)
     # index may be smaller than x outside `dim`; x is read only where index reaches.
@@ -249,10 +242,10 @@ def _promote_0d(fn):
     """Run a scatter on 0-d operands as on 1-element vectors, as torch allows."""
 
     def lowered(ctx, x, dim, index, src, *args, **kwargs):
-        size = x.shape[_dim(dim, x.ndim)] if x.ndim else 1
+        size = x.shape[wrap_dim(dim, x.ndim)] if x.ndim else 1
         _in_range(ctx, index, size, f"dimension {dim} of size {size}", negative=False)
         if x.ndim:
-            return fn(ctx, x, _dim(dim, x.ndim), index, src, *args, **kwargs)
+            return fn(ctx, x, wrap_dim(dim, x.ndim), index, src, *args, **kwargs)
         src = _as_1d(src) if isinstance(src, jax.Array) else src
         return jnp.reshape(fn(ctx, _as_1d(x), 0, _as_1d(index), src, *args, **kwargs), ctx.shape)
 
@@ -327,10 +320,10 @@ def _index_op(fn=None, *, negative: bool = False):
         return functools.partial(_index_op, negative=negative)
 
     def lowered(ctx, x, dim, index, *args, **kwargs):
-        size = x.shape[_dim(dim, x.ndim)] if x.ndim else 1
+        size = x.shape[wrap_dim(dim, x.ndim)] if x.ndim else 1
         _in_range(ctx, index, size, f"dimension {dim} of size {size}", negative=negative)
         if x.ndim:
-            return fn(ctx, x, _dim(dim, x.ndim), jnp.ravel(index), *args, **kwargs)
+            return fn(ctx, x, wrap_dim(dim, x.ndim), jnp.ravel(index), *args, **kwargs)
         y = fn(ctx, jnp.reshape(x, (1,)), 0, jnp.reshape(index, (-1,)), *args, **kwargs)
         return jnp.reshape(y, ctx.shape)
 
@@ -347,19 +340,19 @@ def _as_source(source, x, index):
 @_index_op
 def index_add(ctx, x, dim, index, source, *, alpha=1):
     source = _as_source(source, x, index)
-    return x.at[_index_along(dim, index)].add(source if alpha == 1 else source * alpha)
+    return x.at[index_along(dim, index)].add(source if alpha == 1 else source * alpha)
 
 
 @lowering(aten.index_copy.default)
 @_index_op
 def index_copy(ctx, x, dim, index, source):
-    return x.at[_index_along(dim, index)].set(_as_source(source, x, index))
+    return x.at[index_along(dim, index)].set(_as_source(source, x, index))
 
 
 @lowering(aten.index_fill.int_Scalar, aten.index_fill.int_Tensor)
 @_index_op(negative=True)
 def index_fill(ctx, x, dim, index, value):
-    return x.at[_index_along(dim, index)].set(jnp.asarray(value).astype(x.dtype))
+    return x.at[index_along(dim, index)].set(jnp.asarray(value).astype(x.dtype))
 
 
 @lowering(aten.index_reduce.default)
@@ -410,7 +403,7 @@ def put(ctx, x, index, source, accumulate=False):
 def take_along_dim(ctx, x, indices, dim=None):
     if dim is None:
         return jnp.take_along_axis(jnp.ravel(x), jnp.ravel(indices), axis=0)
-    dim = _dim(dim, x.ndim)  # torch requires x.ndim == indices.ndim
+    dim = wrap_dim(dim, x.ndim)  # torch requires x.ndim == indices.ndim
     # Broadcast every dim but `dim`, where each side keeps its own size.
     shape = list(
         np.broadcast_shapes(*(a.shape[:dim] + (1,) + a.shape[dim + 1 :] for a in (x, indices)))

@@ -1,10 +1,10 @@
 """How lowerings read their operands and write their outputs the way torch does.
 
 The dtype a lowering computes in (the output dtype, torch's promotion of the
-operands, or the wider dtype torch accumulates half types in), the int-list
-arguments of the windowed ops, and the outputs torch may return empty. Every
-lowering module that needs one of these rules imports it from here, so each
-rule has one implementation.
+operands, or the wider dtype torch accumulates half types in), `dim` and
+int-list arguments, and the outputs torch may return empty. Every lowering
+module that needs one of these rules imports it from here, so each rule has
+one implementation.
 """
 
 from __future__ import annotations
@@ -60,6 +60,16 @@ def expand_ints(value: int | Sequence[int], n: int) -> tuple[int, ...]:
         return (value,) * n
     value = tuple(int(v) for v in value)
     return value * n if len(value) == 1 else value
+
+
+def wrap_dim(d: int, ndim: int) -> int:
+    """A torch dim (negative allowed; 0-d tensors accept -1 and 0) as 0..ndim-1."""
+    return d % max(ndim, 1)
+
+
+def index_along(dim: int, index) -> tuple:
+    """The index tuple that applies `index` along axis `dim`: x[index_along(dim, i)]."""
+    return (slice(None),) * dim + (index,)
 
 
 def empty_or(ctx, i: int, value):

@@ -15,14 +15,10 @@ import numpy as np
 import torch
 from jax import lax
 
+from bridge.ops.operands import index_along, wrap_dim
 from bridge.ops.registry import lowering
 
 aten = torch.ops.aten
-
-
-def _dim(d: int, ndim: int) -> int:
-    """A torch dim (negative allowed; 0-d tensors accept -1 and 0) as 0..ndim-1."""
-    return d % max(ndim, 1)
 
 
 def _slice_bounds(n: int, start: int | None, end: int | None, step: int) -> tuple[int, int, int]:
@@ -32,10 +28,6 @@ def _slice_bounds(n: int, start: int | None, end: int | None, step: int) -> tupl
     start = min(max(start + n if start < 0 else start, 0), n)
     end = min(max(end + n if end < 0 else end, start), n)
     return start, end, step
-
-
-def _index_along(dim: int, index) -> tuple:
-    return (slice(None),) * dim + (index,)
 
 
 @lowering(
@@ -93,7 +85,7 @@ def permute(ctx, x, dims):
 def transpose(ctx, x, dim0, dim1):
     if x.ndim == 0:
         return x
-    return jnp.swapaxes(x, _dim(dim0, x.ndim), _dim(dim1, x.ndim))
+    return jnp.swapaxes(x, wrap_dim(dim0, x.ndim), wrap_dim(dim1, x.ndim))
 
 
 @lowering(aten.movedim.int, aten.movedim.intlist)
@@ -114,17 +106,17 @@ def cat(ctx, tensors, dim=0):
     kept = [x for x in tensors if not (x.ndim == 1 and x.shape[0] == 0)]
     if not kept:
         return jnp.zeros(ctx.shape, ctx.dtype)
-    return jnp.concatenate([x.astype(ctx.dtype) for x in kept], axis=_dim(dim, kept[0].ndim))
+    return jnp.concatenate([x.astype(ctx.dtype) for x in kept], axis=wrap_dim(dim, kept[0].ndim))
 
 
 @lowering(aten.stack.default)
 def stack(ctx, tensors, dim=0):
-    return jnp.stack([x.astype(ctx.dtype) for x in tensors], axis=_dim(dim, tensors[0].ndim + 1))
+    return jnp.stack([x.astype(ctx.dtype) for x in tensors], axis=wrap_dim(dim, tensors[0].ndim + 1))
 
 
 def _split_by_output(ctx, x, dim):
     """Split `x` along `dim` into the pieces torch recorded for this node."""
-    dim = _dim(dim, x.ndim)
+    dim = wrap_dim(dim, x.ndim)
     pieces, start = [], 0
     for out in ctx.out:
         size = int(out.shape[dim])
@@ -153,33 +145,33 @@ def chunk(ctx, x, chunks, dim=0):
 
 @lowering(aten.unbind.int, aten.unbind_copy.int)
 def unbind(ctx, x, dim=0):
-    dim = _dim(dim, x.ndim)
+    dim = wrap_dim(dim, x.ndim)
     return [lax.index_in_dim(x, i, axis=dim, keepdims=False) for i in range(x.shape[dim])]
 
 
 @lowering(aten.slice.Tensor, aten.slice_copy.Tensor)
 def slice_(ctx, x, dim=0, start=None, end=None, step=1):
-    dim = _dim(dim, x.ndim)
+    dim = wrap_dim(dim, x.ndim)
     start, end, step = _slice_bounds(x.shape[dim], start, end, step)
     return lax.slice_in_dim(x, start, end, step, axis=dim)
 
 
 @lowering(aten.select.int, aten.select_copy.int)
 def select(ctx, x, dim, index):
-    dim = _dim(dim, x.ndim)
+    dim = wrap_dim(dim, x.ndim)
     return lax.index_in_dim(x, index % x.shape[dim], axis=dim, keepdims=False)
 
 
 @lowering(aten.narrow.default, aten.narrow_copy.default)
 def narrow(ctx, x, dim, start, length):
-    dim = _dim(dim, x.ndim)
+    dim = wrap_dim(dim, x.ndim)
     start = start + x.shape[dim] if start < 0 else start
     return lax.slice_in_dim(x, start, start + length, axis=dim)
 
 
 @lowering(aten.narrow.Tensor)
 def narrow_tensor(ctx, x, dim, start, length):
-    dim = _dim(dim, x.ndim)
+    dim = wrap_dim(dim, x.ndim)
     start = jnp.reshape(start, ()).astype(jnp.int32)
     start = jnp.where(start < 0, start + x.shape[dim], start)
     return lax.dynamic_slice_in_dim(x, start, length, axis=dim)
@@ -189,7 +181,7 @@ def narrow_tensor(ctx, x, dim, start, length):
 def flip(ctx, x, dims):
     if x.ndim == 0 or not dims:
         return x
-    return jnp.flip(x, [_dim(d, x.ndim) for d in dims])
+    return jnp.flip(x, [wrap_dim(d, x.ndim) for d in dims])
 
 
 @lowering(aten.roll.default)
@@ -198,7 +190,7 @@ def roll(ctx, x, shifts, dims=()):
         return x
     if not dims:
         return jnp.reshape(jnp.roll(jnp.ravel(x), shifts[0]), x.shape)
-    return jnp.roll(x, tuple(shifts), tuple(_dim(d, x.ndim) for d in dims))
+    return jnp.roll(x, tuple(shifts), tuple(wrap_dim(d, x.ndim) for d in dims))
 
 
 @lowering(aten.repeat.default)
@@ -215,14 +207,14 @@ def tile(ctx, x, dims):
 def repeat_interleave_int(ctx, x, repeats, dim=None, *, output_size=None):
     if dim is None:
         return jnp.repeat(jnp.ravel(x), repeats)
-    return jnp.repeat(x, repeats, axis=_dim(dim, x.ndim)).reshape(ctx.shape)
+    return jnp.repeat(x, repeats, axis=wrap_dim(dim, x.ndim)).reshape(ctx.shape)
 
 
 @lowering(aten.repeat_interleave.self_Tensor)
 def repeat_interleave_tensor(ctx, x, repeats, dim=None, *, output_size=None):
     if dim is None:
         x, dim = jnp.ravel(x), 0
-    dim = _dim(dim, x.ndim)
+    dim = wrap_dim(dim, x.ndim)
     repeats = jnp.ravel(repeats)
     if repeats.shape[0] == 1:
         repeats = jnp.broadcast_to(repeats, (x.shape[dim],))
@@ -296,7 +288,7 @@ def pad(ctx, x, pad, mode="constant", value=None):
 
 @lowering(aten.diagonal.default, aten.diagonal_copy.default)
 def diagonal(ctx, x, offset=0, dim1=0, dim2=1):
-    return jnp.diagonal(x, offset, _dim(dim1, x.ndim), _dim(dim2, x.ndim))
+    return jnp.diagonal(x, offset, wrap_dim(dim1, x.ndim), wrap_dim(dim2, x.ndim))
 
 
 @lowering(aten.diag.default)
@@ -313,7 +305,7 @@ def _diagonal_positions(n_rows: int, n_cols: int, offset: int) -> tuple[np.ndarr
 @lowering(aten.diag_embed.default)
 def diag_embed(ctx, x, offset=0, dim1=-2, dim2=-1):
     ndim = len(ctx.shape)
-    dim1, dim2 = _dim(dim1, ndim), _dim(dim2, ndim)
+    dim1, dim2 = wrap_dim(dim1, ndim), wrap_dim(dim2, ndim)
     n = ctx.shape[dim1]
     rows, cols = _diagonal_positions(n, n, offset)
     out = jnp.zeros((*x.shape[:-1], n, n), ctx.dtype).at[..., rows, cols].set(x)
@@ -322,7 +314,7 @@ def diag_embed(ctx, x, offset=0, dim1=-2, dim2=-1):
 
 @lowering(aten.diagonal_scatter.default)
 def diagonal_scatter(ctx, x, src, offset=0, dim1=0, dim2=1):
-    dim1, dim2 = _dim(dim1, x.ndim), _dim(dim2, x.ndim)
+    dim1, dim2 = wrap_dim(dim1, x.ndim), wrap_dim(dim2, x.ndim)
     moved = jnp.moveaxis(x, (dim1, dim2), (-2, -1))
     rows, cols = _diagonal_positions(moved.shape[-2], moved.shape[-1], offset)
     moved = moved.at[..., rows, cols].set(src.astype(x.dtype))
@@ -415,7 +407,7 @@ def as_strided_scatter(ctx, x, src, size, stride, storage_offset=None):
 def unfold(ctx, x, dimension, size, step):
     if x.ndim == 0:
         return jnp.reshape(x, ctx.shape)
-    dim = _dim(dimension, x.ndim)
+    dim = wrap_dim(dimension, x.ndim)
     count = (x.shape[dim] - size) // step + 1
     index = np.arange(count)[:, None] * step + np.arange(size)[None, :]
     windows = jnp.take(x, index, axis=dim)
@@ -494,14 +486,14 @@ def col2im(ctx, x, output_size, kernel_size, dilation, padding, stride):
 
 @lowering(aten.select_scatter.default)
 def select_scatter(ctx, x, src, dim, index):
-    dim = _dim(dim, x.ndim)
-    return x.at[_index_along(dim, index % x.shape[dim])].set(src.astype(x.dtype))
+    dim = wrap_dim(dim, x.ndim)
+    return x.at[index_along(dim, index % x.shape[dim])].set(src.astype(x.dtype))
 
 
 @lowering(aten.slice_scatter.default)
 def slice_scatter(ctx, x, src, dim=0, start=None, end=None, step=1):
-    dim = _dim(dim, x.ndim)
+    dim = wrap_dim(dim, x.ndim)
     start, end, step = _slice_bounds(x.shape[dim], start, end, step)
     if math.prod(src.shape) == 0:
         return x
-    return x.at[_index_along(dim, slice(start, end, step))].set(src.astype(x.dtype))
+    return x.at[index_along(dim, slice(start, end, step))].set(src.astype(x.dtype))
