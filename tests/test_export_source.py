@@ -195,7 +195,9 @@ def random_fn(key, x):
     k1, k2 = jax.random.split(key)
     drop = jax.random.bernoulli(jax.random.fold_in(k1, 3), 0.5, x.shape)
     return (jnp.where(drop, x * 2, 0.0), jax.random.normal(k2, (3,)),
-            jax.random.uniform(key, (2, 2)), jax.random.key_data(k1))
+            jax.random.uniform(key, (2, 2)), jax.random.key_data(k1),
+            jax.random.uniform(jax.random.wrap_key_data(jax.random.key_data(k2)), (2,)),
+            jax.random.bits(jax.random.key(7), (2,)))
 
 
 PURE = {
@@ -306,15 +308,21 @@ def test_text_is_identical_across_processes():
 
 
 def attention_block(x, wq, wk, g):
-    mu = x.mean(-1, keepdims=True)
-    h = (x - mu) * lax.rsqrt(x.var(-1, keepdims=True) + 1e-5) * g
-    q, k = h @ wq, h @ wk
+    with jax.named_scope("ln/layer_norm"):  # helpers that read b and t from their inputs
+        mu = x.mean(-1, keepdims=True)
+        h = (x - mu) * lax.rsqrt(x.var(-1, keepdims=True) + 1e-5) * g
+    with jax.named_scope("attn/q/linear"):
+        q = h @ wq
+    with jax.named_scope("attn/k/linear_1"):
+        k = h @ wk
     s = jnp.einsum("btd,bsd->bts", q, k) / np.sqrt(8.0)
     t = x.shape[1]
     mask = jnp.tril(jnp.ones((t, t), bool))
     p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
     out = jnp.einsum("bts,bsd->btd", p, h)
-    return out.reshape(x.shape[0], -1), out.sum() / x.shape[0], jnp.arange(x.shape[0]) + 1
+    with jax.named_scope("pos/arange"):  # no input has the shape: b comes in as a parameter
+        pos = jnp.arange(x.shape[0]) + 1
+    return out.reshape(x.shape[0], -1), out.sum() / x.shape[0], pos
 
 
 def test_symbolic_batch_and_length(tmp_path):
@@ -326,6 +334,8 @@ def test_symbolic_batch_and_length(tmp_path):
     fn = lambda *a: tuple(attention_block(*a))  # noqa: E731
     src = emit_function(fn, example, name="forward", arg_names=["x", "wq", "wk", "g"])
     assert "b = x.shape[0]" in src and "t = x.shape[1]" in src
+    assert "def _layer_norm(x0, x1):\n    b = x0.shape[0]\n    t = x0.shape[1]\n" in src
+    assert "def _arange(b):\n" in src and " = _arange(b)\n" in src
     forward, path = load(src, tmp_path)
     ruff(path)
     for batch, length in ((2, 5), (3, 7)):

@@ -144,18 +144,6 @@ def _reduce_precision(ctx: Ctx, eqn: Any, args: list) -> Expr:
         ("mantissa_bits", ctx.value(p["mantissa_bits"]))))
 
 
-@_printer("select_n")
-def _select_n(ctx: Ctx, eqn: Any, args: list) -> Expr:
-    expect_params(eqn)
-    return Call("lax.select_n", tuple(args))
-
-
-@_printer("clamp")
-def _clamp(ctx: Ctx, eqn: Any, args: list) -> Expr:
-    expect_params(eqn)
-    return Call("lax.clamp", tuple(args))
-
-
 @_printer("convert_element_type", "bitcast_convert_type")
 def _convert(ctx: Ctx, eqn: Any, args: list) -> Expr:
     # weak_type only marks how jnp promotes the result later; every later
@@ -186,8 +174,11 @@ def _positional(fn: str, *names: str, **defaults: Any) -> Printer:
 
 
 for _name, _params in {"transpose": ("permutation",), "rev": ("dimensions",),
-                       "squeeze": ("dimensions",), "pad": ("padding_config",)}.items():
+                       "squeeze": ("dimensions",), "pad": ("padding_config",),
+                       "select_n": (), "clamp": ()}.items():
     PRINTERS[_name] = _positional(f"lax.{_name}", *_params)
+PRINTERS["random_unwrap"] = _positional("jax.random.key_data")
+PRINTERS["random_fold_in"] = _positional("jax.random.fold_in")
 for _name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
               "reduce_or", "reduce_xor"):
     PRINTERS[_name] = _positional(f"lax.{_name}", "axes", out_sharding=None)
@@ -343,35 +334,19 @@ def _random_bits(ctx: Ctx, eqn: Any, args: list) -> Expr:
     return Call("jax.random.bits", (args[0], ctx.value(p["shape"]), Raw(_BITS[p["bit_width"]])))
 
 
-def _impl_name(impl: Any) -> Expr:
-    name = getattr(impl, "name", None)
-    if not isinstance(name, str):
-        raise Unprintable(f"PRNG implementation {impl!r}")
-    return Raw(repr(name))
+def _with_impl(fn: str) -> Printer:
+    """`jax.random.key(seed, impl='threefry2x32')`, `jax.random.wrap_key_data(...)`."""
+    def printer(ctx: Ctx, eqn: Any, args: list) -> Expr:
+        expect_params(eqn, "impl")
+        name = getattr(eqn.params["impl"], "name", None)
+        if not isinstance(name, str):
+            raise Unprintable(f"PRNG implementation {eqn.params['impl']!r}")
+        return Call(fn, (args[0],), (("impl", Raw(repr(name))),))
+    return printer
 
 
-@_printer("random_wrap")
-def _random_wrap(ctx: Ctx, eqn: Any, args: list) -> Expr:
-    expect_params(eqn, "impl")
-    return Call("jax.random.wrap_key_data", (args[0],), (("impl", _impl_name(eqn.params["impl"])),))
-
-
-@_printer("random_seed")
-def _random_seed(ctx: Ctx, eqn: Any, args: list) -> Expr:
-    expect_params(eqn, "impl")
-    return Call("jax.random.key", (args[0],), (("impl", _impl_name(eqn.params["impl"])),))
-
-
-@_printer("random_unwrap")
-def _random_unwrap(ctx: Ctx, eqn: Any, args: list) -> Expr:
-    expect_params(eqn)
-    return Call("jax.random.key_data", tuple(args))
-
-
-@_printer("random_fold_in")
-def _random_fold_in(ctx: Ctx, eqn: Any, args: list) -> Expr:
-    expect_params(eqn)
-    return Call("jax.random.fold_in", tuple(args))
+PRINTERS["random_wrap"] = _with_impl("jax.random.wrap_key_data")
+PRINTERS["random_seed"] = _with_impl("jax.random.key")
 
 
 @_printer("random_split")

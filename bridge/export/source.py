@@ -190,7 +190,7 @@ class Function(P.Ctx):
         """Lines binding the used dimension variables from parameter shapes, and the
         dimensions that must come in as parameters."""
         lines, extra = [], []
-        for symbol in self.dims_used:
+        for symbol in sorted(self.dims_used, key=list(self.module.dim_names).index):
             found = None
             for v in self.params:
                 for j, d in enumerate(getattr(v.aval, "shape", ())):
