@@ -128,7 +128,6 @@ def judge(limitation: Limitation | None, results: Iterable[Result], complete: bo
 
 
 _STATIC = "JAX arrays have static shapes under jit"
-_PIVOTS = "capture exports JAX int32 pivots as int64; torch requires int32"
 _SPARSE = "sparse tensors: torch.export has no sparse layouts"
 _TORCH_RNG = "draws torch.randn: output depends on torch's RNG stream"
 GRAD = ("grad",)
@@ -186,10 +185,6 @@ KNOWN: dict[str, Limitation] = {
     # Random ops: their samples draw from torch's generator, which JAX cannot replay.
     "svd_lowrank": Limitation(SKIP, _TORCH_RNG),
     "pca_lowrank": Limitation(SKIP, _TORCH_RNG),
-    # Limitations of capture (bridge/capture.py), see the issue note of #4.
-    "lu_unpack": Limitation(XFAIL, _PIVOTS),
-    "linalg.lu_solve": Limitation(XFAIL, _PIVOTS),
-    "lu_solve": Limitation(XFAIL, _PIVOTS),
 }
 
 
