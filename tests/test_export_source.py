@@ -12,6 +12,7 @@ module path, `ruff check` clean, identical text across emissions.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import re
@@ -128,6 +129,23 @@ def _clipped_identity_jvp(primals, tangents):
     return clipped_identity(x), t * 0.5  # deliberately not the derivative of the primal
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def scaled_sin(x, y, k):
+    return jnp.sin(x) * y * k, x + 1
+
+
+def _scaled_sin_fwd(x, y, k):
+    return scaled_sin(x, y, k), (jnp.cos(x), y, x)
+
+
+def _scaled_sin_bwd(k, res, g):
+    c, y, _ = res
+    return (g[0] * c * y * k * 3.0 + g[1], None)  # deliberately not the true gradient of y
+
+
+scaled_sin.defvjp(_scaled_sin_fwd, _scaled_sin_bwd)
+
+
 def elementwise(x, y):
     return (jnp.sin(x) * y + jnp.exp(-x) / (1 + y**2), jnp.maximum(x, y), jnp.minimum(x, 0.5),
             jnp.where(x > y, x, y), jnp.tanh(x) ** 3, jnp.abs(x) - jnp.sqrt(jnp.abs(y)),
@@ -141,7 +159,8 @@ def elementwise(x, y):
 def activations(x):
     return (jax.nn.relu(x), jax.nn.gelu(x), jax.nn.gelu(x, approximate=False),
             jax.nn.softplus(x), jax.nn.silu(x), jax.nn.logsumexp(x, axis=-1),
-            jax.nn.softmax(x, axis=-1), jax.nn.log_softmax(x), clipped_identity(x * 2))
+            jax.nn.softmax(x, axis=-1), jax.nn.log_softmax(x), clipped_identity(x * 2),
+            *scaled_sin(x, x * x, 2.0))
 
 
 def matmuls(x, w, k):
@@ -240,6 +259,16 @@ def test_custom_jvp_rule_is_kept(tmp_path):
     forward, _ = load(emit(fn, (x,)), tmp_path)
     g = jax.grad(lambda v: forward(v)[0].sum())(x)
     np.testing.assert_array_equal(np.asarray(g), [0.5, 0.5, 0.5])
+
+
+def test_custom_vjp_rule_is_kept(tmp_path):
+    fn = lambda x, y: scaled_sin(x * jnp.arange(3.0), y, 2.0)  # noqa: E731
+    args = (_r(3), _r(3, seed=1))
+    forward, _ = load(emit(fn, args), tmp_path)
+    g = jax.grad(lambda x, y: forward(x, y)[0].sum(), argnums=(0, 1))(*args)
+    want = jax.grad(lambda x, y: fn(x, y)[0].sum(), argnums=(0, 1))(*args)
+    np.testing.assert_array_equal(np.asarray(g[0]), np.asarray(want[0]))
+    np.testing.assert_array_equal(np.asarray(g[1]), 0.0)  # the rule gives y no cotangent
 
 
 def test_random_draws_the_same_bits(tmp_path):

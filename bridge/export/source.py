@@ -16,8 +16,10 @@ function with `jax.make_jaxpr` and prints the equations back as `jax.lax` /
   get `_addmm_2`), so the main function has one statement per graph node;
 - values are named after the module path and op, inputs after `arg_names`;
 - `custom_jvp_call` becomes a `@jax.custom_jvp` helper whose rule is printed from
-  the traced jvp, so derivatives are the original's; `scan`, `while` and `cond`
-  become `lax.scan` / `lax.while_loop` / `lax.switch` over helper functions;
+  the traced jvp, `custom_vjp_call` a `@jax.custom_vjp` one with `fwd` and `bwd`
+  printed from the traced rules, so derivatives are the original's; `scan`,
+  `while`, `cond` and a generic `reduce` become `lax.scan` / `lax.while_loop` /
+  `lax.switch` / `lax.reduce` over helper functions;
 - symbolic dimensions (`jax.export.symbolic_shape`) are read from the inputs'
   shapes (`b = x.shape[0]`) and shape parameters are printed over them;
 - constants: scalars and arrays of at most 16 elements are printed exactly
@@ -59,7 +61,7 @@ from bridge.export.pyexpr import Call, Expr, Lambda, Raw, Seq
 __all__ = ["UnsupportedPrimitiveError", "emit_function"]
 
 _MODULES = ("jax", "jnp", "lax", "np", "math")
-_RESERVED = frozenset(_MODULES) | {"carry", "xs", "primals", "tangents", "args"}
+_RESERVED = frozenset(_MODULES) | {"carry", "xs", "primals", "tangents", "args", "res", "cts"}
 _PLACEHOLDER = "\x00"  # a helper's name in its text, until the text is deduplicated
 _WIDTH = 100
 
@@ -75,6 +77,7 @@ class Module:
         self.names = Namer(_RESERVED | set(dim_names.values()))
         self.by_text: dict[str, str] = {}
         self.custom_jvps: dict[tuple[str, str, str], str] = {}
+        self.custom_vjps: dict[tuple[str, str, str], str] = {}
         self.texts: list[str] = []
 
     def helper(self, base: str, template: str, suffixes: Sequence[str] = ("",)) -> str:
@@ -340,12 +343,7 @@ def _custom_jvp(fn: Function, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
     _check_params(eqn, ("call_jaxpr", "jvp_jaxpr_fun", "num_consts", "symbolic_zeros"))
     closed, nconsts, jvp_fun = p["call_jaxpr"], p["num_consts"], p["jvp_jaxpr_fun"]
     n = len(closed.jaxpr.invars)
-    params = [Var(v.aval) for v in closed.jaxpr.invars]
-    primal = Function(fn.module, params, _param_names(n), extra_dims=False)
-    eqns, outs = flatten(closed.jaxpr, closed.consts, params)
-    _body(primal, dce(eqns, outs))
-    primal.returns(outs)
-    primal_text, _ = primal.text(_PLACEHOLDER, decorator="@jax.custom_jvp")
+    primal_text = _primal(fn, closed, "@jax.custom_jvp")
     base = _func_name(closed.jaxpr, "custom_jvp")
     key = (base, _func_name(jvp_fun, ""), primal_text)
     module = fn.module
@@ -358,6 +356,86 @@ def _custom_jvp(fn: Function, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
         module.texts.append(text.replace(_PLACEHOLDER, name))
     expr = Call(name, tuple(fn.arg(a) for a in eqn.invars))
     return expr, names[0] if len(eqn.outvars) == 1 else _unpack(names)
+
+
+def _primal(fn: Function, closed: Any, decorator: str) -> str:
+    params = [Var(v.aval) for v in closed.jaxpr.invars]
+    primal = Function(fn.module, params, _param_names(len(params)), extra_dims=False)
+    eqns, outs = flatten(closed.jaxpr, closed.consts, params)
+    _body(primal, dce(eqns, outs))
+    primal.returns(outs)
+    return primal.text(_PLACEHOLDER, decorator=decorator)[0]
+
+
+def _custom_vjp(fn: Function, eqn: Eqn, names: list[str]) -> tuple[Expr, str]:
+    """A `@jax.custom_vjp` helper: the primal from `call_jaxpr`, `fwd` from the traced forward
+    (returning every residual, the ones JAX forwards from the inputs included), `bwd` traced
+    from the rule at the residuals' and cotangents' types (a zero cotangent is `None`, and so
+    is every constant's, which JAX does not differentiate either)."""
+    p = eqn.params
+    _check_params(eqn, ("call_jaxpr", "fwd_jaxpr_thunk", "bwd", "num_consts", "out_trees",
+                        "symbolic_zeros"))
+    closed, nconsts = p["call_jaxpr"], p["num_consts"]
+    n, n_out = len(closed.jaxpr.invars), len(closed.jaxpr.outvars)
+    primal_text = _primal(fn, closed, "@jax.custom_vjp")
+    base = _func_name(closed.jaxpr, "custom_vjp")
+    key = (base, _func_name(p["bwd"], ""), primal_text)
+    module = fn.module
+    name = module.custom_vjps.get(key)
+    if name is None:
+        name = module.names.fresh("_" + sanitize(base), ("", "_fwd", "_bwd"))
+        module.custom_vjps[key] = name
+        fwd_text, residuals = _vjp_fwd(fn, p, n, n_out, nconsts)
+        bwd_text = _vjp_bwd(fn, p["bwd"], residuals, closed.jaxpr.outvars, n, nconsts)
+        ph = _PLACEHOLDER
+        text = "\n\n".join([primal_text, fwd_text, bwd_text,
+                             f"{ph}.defvjp({ph}_fwd, {ph}_bwd)\n"])
+        module.texts.append(text.replace(ph, name))
+    expr = Call(name, tuple(fn.arg(a) for a in eqn.invars))
+    return expr, names[0] if n_out == 1 else _unpack(names)
+
+
+def _vjp_fwd(fn: Function, p: dict, n: int, n_out: int, nconsts: int) -> tuple[str, list[Any]]:
+    fwd_jaxpr, fwd_consts = p["fwd_jaxpr_thunk"].call_wrapped(*[True] * (n - nconsts))
+    _, _, input_fwds = p["out_trees"]()
+    params = [Var(v.aval) for v in p["call_jaxpr"].jaxpr.invars]
+    fwd = Function(fn.module, params, _param_names(n), extra_dims=False)
+    eqns, outs = flatten(fwd_jaxpr, fwd_consts, params[nconsts:])
+    _body(fwd, dce(eqns, outs))
+    pruned = iter(outs[:len(outs) - n_out])
+    residuals = [params[i] if i is not None else next(pruned) for i in input_fwds]
+    prim = [fwd.arg(o) for o in outs[len(outs) - n_out:]]
+    ret = Seq((prim[0] if n_out == 1 else Seq(tuple(prim)), Seq(tuple(fwd.arg(r) for r in residuals))))
+    fwd.lines.append("    return " + X.render(ret, 11, 4))
+    return fwd.text(_PLACEHOLDER + "_fwd")[0], residuals
+
+
+def _vjp_bwd(fn: Function, bwd: Any, residuals: list[Any], outvars: Sequence[Any], n: int,
+             nconsts: int) -> str:
+    kept: list[bool] = []
+
+    def rule(*args: Any) -> list[Any]:
+        cts = bwd.call_wrapped(*args)
+        kept[:] = [isinstance(c, jax.Array) for c in cts]  # a zero cotangent is no array
+        return [c for c in cts if isinstance(c, jax.Array)]
+
+    avals = [r.aval for r in residuals] + [v.aval for v in outvars]
+    closed = jax.make_jaxpr(rule)(*(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals))
+    rs = [Var(r.aval) for r in residuals]
+    cs = [Var(v.aval) for v in outvars]
+    r_names, c_names = _param_names(len(rs), "r"), _param_names(len(cs), "c")
+    bwd_fn = Function(fn.module, rs + cs, r_names + c_names, extra_dims=False)
+    eqns, outs = flatten(closed.jaxpr, closed.consts, rs + cs)
+    _body(bwd_fn, dce(eqns, outs))
+    given = iter(outs)
+    results = [Raw("None")] * nconsts + [bwd_fn.arg(next(given)) if k else Raw("None")
+                                         for k in kept]
+    bwd_fn.lines.append("    return " + X.render(Seq(tuple(results)), 11, 4))
+    prologue = [f"    {_unpack(r_names)} = res"] if rs else []
+    if len(cs) > 1:
+        prologue.append(f"    {_unpack(c_names)} = cts")
+    ct_param = c_names[0] if len(cs) == 1 else "cts"
+    return bwd_fn.text(_PLACEHOLDER + "_bwd", f"res, {ct_param}", prologue)[0]
 
 
 def _func_name(obj: Any, default: str) -> str:
@@ -404,7 +482,7 @@ _SPECIAL: dict[str, Callable[[Function, Eqn, list[str]], tuple[Expr, str]]] = {
     "cond": _cond,
     "reduce": _reduce,
     "custom_jvp_call": _custom_jvp,
-    "custom_vjp_call": _refuse("custom_vjp functions are not printed yet"),
+    "custom_vjp_call": _custom_vjp,
     "debug_callback": _refuse(
         "it calls back into Python (a bridge run-time check: convert with checks=False)"),
     "pure_callback": _refuse("it calls back into Python"),
