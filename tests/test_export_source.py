@@ -477,6 +477,7 @@ def check_model(fn, args, names, tmp_path, grad_rtol=1e-6, comments=None):
     assert src == emit_function(fn, specs(args), name="forward", arg_names=names,
                                 comments=comments)
     forward, path = load(src, tmp_path)
+    assert max(len(line) for line in src.splitlines()) <= 100
     assert_same_outputs(forward, fn, args)
     if grad_rtol is not None:
         assert_same_grads(forward, fn, args, rtol=grad_rtol)

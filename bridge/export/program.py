@@ -116,11 +116,19 @@ class Namer:
             i += 1
 
 
-def scope_base(scope: str) -> str:
-    """`h/0/attn/c_attn/addmm_3` -> `h_0_attn_c_attn_addmm`."""
-    *path, node = scope.split("/")
-    return sanitize("_".join([*path, re.sub(r"_\d+$", "", node)]))
+# ATen names whose long form says nothing a reader needs
+_SHORT = {"native_batch_norm_legit_no_training": "batch_norm",
+          "native_batch_norm_legit_functional": "batch_norm", "native_batch_norm_legit": "batch_norm",
+          "native_layer_norm": "layer_norm", "native_group_norm": "group_norm",
+          "safe_softmax": "softmax"}
 
 
 def op_name(scope: str) -> str:
-    return sanitize(re.sub(r"_\d+$", "", scope.split("/")[-1]))
+    """The op of a node scope: `h/0/attn/c_attn/addmm_3` -> `addmm`."""
+    op = sanitize(re.sub(r"_\d+$", "", scope.split("/")[-1]))
+    return _SHORT.get(op, op)
+
+
+def scope_base(scope: str) -> str:
+    """`h/0/attn/c_attn/addmm_3` -> `h_0_attn_c_attn_addmm`."""
+    return sanitize("_".join([*scope.split("/")[:-1], op_name(scope)]))

@@ -81,8 +81,13 @@ def render(e: Expr, col: int, indent: int, tail: int = 0, width: int = 100) -> s
     """`e` laid out starting at column `col` on a line indented by `indent`, with `tail`
     characters to follow it: one line when it fits, else one argument per line."""
     text = flat(e)
-    if col + len(text) + tail <= width or isinstance(e, (Raw, Op)):
+    if col + len(text) + tail <= width or isinstance(e, Raw):
         return text
+    if isinstance(e, Op):
+        if e.left is None:
+            return text
+        pad = " " * (indent + 4)
+        return f"(\n{pad}{flat(e.left)}\n{pad}{e.op} {flat(e.right)}\n{' ' * indent})"
     if isinstance(e, Lambda):
         head = f"lambda {e.params}: "
         return head + render(e.body, col + len(head), indent, tail, width)

@@ -146,7 +146,11 @@ class Function(P.Ctx):
         if len(prefix) > _WIDTH // 2 and ", " in target and not target.startswith("("):
             names = "".join(f"        {n},\n" for n in target.split(", "))
             prefix = f"    (\n{names}    ) = "
-        self.lines.append(prefix + X.render(expr, len(prefix.split("\n")[-1]), 4))
+        col = len(prefix.split("\n")[-1])
+        text = X.render(expr, col, 4)
+        if col + len(text.split("\n")[0]) > _WIDTH:  # a long name: the value on its own lines
+            text = "(\n        " + X.render(expr, 8, 8) + "\n    )"
+        self.lines.append(prefix + text)
 
     def emit(self, eqn: Eqn, names: Sequence[str], comment: str | None = None) -> None:
         try:
