@@ -135,58 +135,57 @@ def float_text(v: float) -> str:
     return repr(float(v))
 
 
-def scalar_text(value: Any, dtype: Any) -> str:
-    """`np.float32(0.1)`: a typed scalar whose bits are exactly `value`'s."""
+def number_text(value: Any, dtype: Any) -> str:
+    """A Python literal that becomes exactly `value` once converted to `dtype`: the
+    shortest one that does (`0.1` for float32's 0.1), else the float64 repr."""
     dt = np.dtype(dtype)
-    fn = dtype_text(dt)
     v = np.asarray(value, dt)
     if dt == np.bool_:
-        return f"{fn}({bool(v)})"
+        return repr(bool(v))
     if dt.kind in "iu":
-        return f"{fn}({int(v)})"
+        return repr(int(v))
     if dt.kind == "c":
-        return f"{fn}(complex({float_text(v.real)}, {float_text(v.imag)}))"
+        return f"complex({float_text(v.real)}, {float_text(v.imag)})"
     x = float(v)
     if not math.isfinite(x):
-        return f"{fn}({float_text(x)})"
+        return float_text(x)
     text = str(v) if dt.name in ("float32", "float16") else repr(x)
     try:
         exact = np.asarray(float(text), dt).tobytes() == v.tobytes()
     except ValueError:
         exact = False
-    return f"{fn}({text if exact else repr(x)})"
+    return text if exact else repr(x)
+
+
+def scalar_text(value: Any, dtype: Any) -> str:
+    """`np.float32(0.1)`: a typed scalar whose bits are exactly `value`'s."""
+    return f"{dtype_text(dtype)}({number_text(value, dtype)})"
 
 
 SMALL_CONSTANT = 16  # elements: larger constants are not printed as code
 
 
-def constant_text(value: Any, dtype: Any = None) -> str:
+def constant_expr(value: Any, dtype: Any = None) -> Expr:
     """A constant operand (of `dtype`, its aval's): a typed scalar, or `np.array([...], dtype)`
     when it is small."""
     arr = np.asarray(value) if dtype is None else np.asarray(value, dtype)
     if arr.dtype.kind not in "biufc" and arr.dtype.name not in _MODULE_DTYPES:
         raise Unprintable(f"constant of dtype {arr.dtype}")
     if arr.ndim == 0:
-        return scalar_text(arr, arr.dtype)
+        return Raw(scalar_text(arr, arr.dtype))
     if arr.size > SMALL_CONSTANT:
         raise Unprintable(
             f"a constant array of shape {arr.shape} ({arr.size} elements) is closed over by the "
             f"program; only constants of at most {SMALL_CONSTANT} elements are printed as code. "
             "Pass it as an input instead (parameters and buffers are inputs of an export)."
         )
-    dt = arr.dtype
 
-    def item(x: Any) -> str:
-        if isinstance(x, list):
-            return "[" + ", ".join(item(i) for i in x) + "]"
-        if dt == np.bool_:
-            return repr(bool(x))
-        if dt.kind in "iu":
-            return repr(int(x))
-        return float_text(float(x))
+    def nested(a: np.ndarray) -> Expr:
+        if a.ndim == 0:
+            return Raw(number_text(a, a.dtype))
+        return Seq(tuple(nested(i) for i in a), "list")
 
-    values = arr.astype(np.float64).tolist() if dt.kind == "f" or dt.name in _MODULE_DTYPES else arr.tolist()
-    return f"np.array({item(values)}, dtype={dtype_text(dt)})"
+    return Call("np.array", (nested(arr),), (("dtype", Raw(dtype_text(arr.dtype))),))
 
 
 def dim_text(d: Any, name_of: Callable[[str], str]) -> str:

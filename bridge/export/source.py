@@ -126,7 +126,7 @@ class Function(P.Ctx):
     def arg(self, atom: Any) -> Expr:
         if isinstance(atom, Const):
             try:
-                return Raw(X.constant_text(atom.val, getattr(atom.aval, "dtype", None)))
+                return X.constant_expr(atom.val, getattr(atom.aval, "dtype", None))
             except X.Unprintable as e:
                 raise ConstantError(str(e)) from e
         return Raw(self.names[atom])
