@@ -262,6 +262,7 @@ class _Converted:
         sig = capture_lib.Signature(
             treedef=split.treedef,
             leaves=tuple(_aval(next(shapes)) if s is ARRAY else s[1] for s in split.slots),
+            types=tuple(None if s is ARRAY else s[0] for s in split.slots),
             training=tuple(m.training for m in self.module.modules()),
             x64=dtypes.x64_enabled(),
         )

@@ -60,6 +60,9 @@ class Signature:
     leaves: tuple  # Leaf for arrays, the value itself for static leaves
     training: tuple[bool, ...]
     x64: bool  # JAX's x64 mode: it decides how 32-bit integer inputs are read
+    # The type of every leaf: 2, 2.0 and True are equal and hash alike, but torch
+    # promotes `int_tensor * 2.0` to float and `int_tensor * 2` not.
+    types: tuple[type | None, ...] = ()
 
 
 @dataclasses.dataclass

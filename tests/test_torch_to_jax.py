@@ -283,3 +283,16 @@ def test_strict_lists_every_unsupported_op_with_module_and_line():
     assert "test_torch_to_jax.py" in msg and "mystery(self.inner(x))" in msg
     assert "mode='callback'" in msg
 
+
+
+def test_static_values_equal_but_of_another_type_get_their_own_graph():
+    # 2, 2.0 and True are equal and hash alike, but torch promotes an int32
+    # tensor times 2.0 to float32 and times 2 or True not: one cached graph
+    # for all three would return the wrong dtype for two of them.
+    jfn = bridge.torch_to_jax(lambda x, s: x * s)
+    x = jnp.arange(3, dtype=jnp.int32)
+    for s in (2, 2.0, True, 2, 0.0, False):
+        expected = torch.arange(3, dtype=torch.int32) * s
+        out = jfn(x, s)
+        assert out.dtype == bridge.dtypes.to_jax_dtype(expected.dtype), s
+        np.testing.assert_array_equal(np.asarray(out), expected.numpy())
