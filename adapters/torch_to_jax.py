@@ -8,7 +8,7 @@
 Trace mode (the default) captures the module with torch.export the first
 time `apply` sees a new input signature (cached like jax.jit's cache) and
 translates the ATen graph into JAX operations. Callback mode runs torch
-itself behind a JAX primitive (see bridge/callback.py).
+itself behind a JAX primitive (see bridge/callback/).
 """
 
 from __future__ import annotations
