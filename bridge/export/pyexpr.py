@@ -243,6 +243,8 @@ def value_expr(v: Any, dim: Callable[[Any], str]) -> Expr:
     if type(v) in _PUBLIC_TYPES and hasattr(v, "_fields"):  # lax's named tuples
         fields = tuple((f, value_expr(getattr(v, f), dim)) for f in v._fields)
         return Call(_PUBLIC_TYPES[type(v)], (), fields)
+    if isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "iu":  # axes, sizes
+        return Seq(tuple(Raw(repr(int(i))) for i in v))
     if isinstance(v, tuple):
         return Seq(tuple(value_expr(i, dim) for i in v))
     if isinstance(v, list):
