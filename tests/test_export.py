@@ -40,7 +40,7 @@ LAYERS = ["mlp", "conv2d-groups-dilation", "conv-transpose1d", "batchnorm-eval",
 
 
 SOURCE = importlib.util.find_spec("bridge.export.source") is not None
-SOURCE_LAYERS = ["mlp", "lstm", "embedding"]
+SOURCE_LAYERS = ["mlp", "lstm", "embedding", "sdpa-float-mask"]  # the mask: a constant table
 
 
 def _layer(name):

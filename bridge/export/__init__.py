@@ -98,11 +98,15 @@ def export(
     else:
         from bridge.export import source
 
+        constants: dict = {}
         core = source.emit_function(
-            program.fn, program.example, name="forward", arg_names=program.arg_names
+            program.fn, program.example, name="forward", arg_names=program.arg_names,
+            constants=constants,
         )
+        if constants:  # tables a lowering computed with NumPy, too large to print
+            files["constants.safetensors"] = weights.serialize_arrays(constants)
     title = _title(module_or_fn)
-    files["export.json"] = _spec_json(program, format, title)
+    files["export.json"] = _spec_json(program, format, title, constants if core else {})
     files["model.py"] = model_source(format, title, core).encode()
     for name, data in sorted(files.items()):
         (folder / name).write_bytes(data)
@@ -114,7 +118,7 @@ def _title(module_or_fn: Any) -> str:
     return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', getattr(cls, '__name__', '?'))}"
 
 
-def _spec_json(program: flat.FlatProgram, format: str, title: str) -> bytes:
+def _spec_json(program: flat.FlatProgram, format: str, title: str, constants: dict) -> bytes:
     spec = {
         "format": format,
         "exported_from": title,
@@ -131,6 +135,7 @@ def _spec_json(program: flat.FlatProgram, format: str, title: str) -> bytes:
         "inputs": program.inputs,
         "outputs": program.outputs,
         "flat_inputs": program.arg_names,
+        "constants": [[k, list(v.shape), str(v.dtype)] for k, v in constants.items()],
     }
     return (json.dumps(spec, indent=1, sort_keys=True) + "\n").encode()
 

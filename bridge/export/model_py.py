@@ -59,6 +59,13 @@ def model_source(format: str, title: str, core: str | None) -> str:
         parts.append(_body("runtime_stablehlo.py").rstrip("\n") + "\n")
     else:
         core_lines = [line for line in core.splitlines() if not line.startswith("# imports:")]
+        parts.append(
+            "# Arrays the program closes over that are too large to print (constants.safetensors).\n"
+            "CONSTANTS = (\n"
+            '    _read_weights(FOLDER / "constants.safetensors", spec()["constants"])\n'
+            '    if spec()["constants"] else {}\n'
+            ")\n"
+        )
         parts.append("\n".join(core_lines).strip("\n") + "\n")
         parts.append(
             '\n\ndef _program():\n    if "program" not in CACHE:\n'

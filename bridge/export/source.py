@@ -61,7 +61,8 @@ from bridge.export.pyexpr import Call, Expr, Lambda, Raw, Seq
 __all__ = ["UnsupportedPrimitiveError", "emit_function"]
 
 _MODULES = ("jax", "jnp", "lax", "np", "math")
-_RESERVED = frozenset(_MODULES) | {"carry", "xs", "primals", "tangents", "args", "res", "cts"}
+_RESERVED = frozenset(_MODULES) | {"carry", "xs", "primals", "tangents", "args", "res", "cts",
+                                      "CONSTANTS"}
 _PLACEHOLDER = "\x00"  # a helper's name in its text, until the text is deduplicated
 _WIDTH = 100
 
@@ -72,8 +73,12 @@ _WIDTH = 100
 class Module:
     """The helper functions printed so far, each once, in order of first use."""
 
-    def __init__(self, dim_names: dict[str, str]) -> None:
+    def __init__(self, dim_names: dict[str, str], constants: dict | None = None) -> None:
         self.dim_names = dim_names
+        # Arrays too large to print, by name (None: refuse them); the generated code reads
+        # them from the global `CONSTANTS`, which the caller defines.
+        self.constants = constants
+        self.constant_names: dict[tuple, str] = {}
         self.names = Namer(_RESERVED | set(dim_names.values()))
         self.by_text: dict[str, str] = {}
         self.custom_jvps: dict[tuple[str, str, str], str] = {}
@@ -87,6 +92,16 @@ class Module:
             self.by_text[template] = name
             self.texts.append(template.replace(_PLACEHOLDER, name))
         return self.by_text[template]
+
+    def constant(self, value: Any, dtype: Any) -> str:
+        """The name of a large constant in `CONSTANTS` (identical arrays share one name)."""
+        arr = np.ascontiguousarray(np.asarray(value, dtype))
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self.constant_names:
+            name = f"const_{len(self.constant_names)}"
+            self.constant_names[key] = name
+            self.constants[name] = arr
+        return self.constant_names[key]
 
 
 class ConstantError(ValueError):
@@ -125,8 +140,11 @@ class Function(P.Ctx):
     # -- operands and statements
     def arg(self, atom: Any) -> Expr:
         if isinstance(atom, Const):
+            dtype = getattr(atom.aval, "dtype", None)
+            if self.module.constants is not None and np.size(atom.val) > X.SMALL_CONSTANT:
+                return Raw(f'CONSTANTS["{self.module.constant(atom.val, dtype)}"]')
             try:
-                return X.constant_expr(atom.val, getattr(atom.aval, "dtype", None))
+                return X.constant_expr(atom.val, dtype)
             except X.Unprintable as e:
                 raise ConstantError(str(e)) from e
         return Raw(self.names[atom])
@@ -522,7 +540,8 @@ def _dim_names(example_args: Sequence[Any], arg_names: Sequence[str]) -> dict[st
 
 
 def emit_function(fn: Callable, example_args: Sequence[Any], *, name: str,
-                  arg_names: Sequence[str], comments: dict[str, str] | None = None) -> str:
+                  arg_names: Sequence[str], comments: dict[str, str] | None = None,
+                  constants: dict | None = None) -> str:
     """Python source defining `def <name>(<arg_names...>)`: the computation of the pure JAX
     function `fn(*flat_arrays) -> tuple of flat arrays`, traced at `example_args` (a tuple of
     jax.ShapeDtypeStruct, possibly with symbolic dims from jax.export.symbolic_shape). The defined
@@ -533,6 +552,11 @@ def emit_function(fn: Callable, example_args: Sequence[Any], *, name: str,
 
     The returned text holds the helper functions the program uses (each once, before the main
     function) and the main function.
+
+    Constants of more than `SMALL_CONSTANT` elements that the program closes over (tables a
+    lowering computed with NumPy) are refused, unless `constants` is a dict: they are then put
+    in it as NumPy arrays named `const_<n>` (in order of first use, identical arrays once) and
+    the code reads them as `CONSTANTS["const_<n>"]`, a global the caller defines.
     """
     arg_names = list(arg_names)
     if len(arg_names) != len(example_args):
@@ -543,12 +567,12 @@ def emit_function(fn: Callable, example_args: Sequence[Any], *, name: str,
     comments = comments or {}
     closed = jax.make_jaxpr(fn)(*example_args)
     for c in closed.consts:
-        if np.size(c) > X.SMALL_CONSTANT:
+        if constants is None and np.size(c) > X.SMALL_CONSTANT:
             raise ConstantError(
                 f"{name}: the traced program closes over a constant array of shape "
                 f"{np.shape(c)}; only constants of at most {X.SMALL_CONSTANT} elements are "
                 "printed as code: pass it as an input (parameters and buffers are inputs).")
-    module = Module(_dim_names(example_args, arg_names))
+    module = Module(_dim_names(example_args, arg_names), constants)
     params = [Var(v.aval) for v in closed.jaxpr.invars]
     main = Function(module, params, arg_names, extra_dims=False)
     eqns, outs = flatten(closed.jaxpr, closed.consts, params)
