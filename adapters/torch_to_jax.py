@@ -112,7 +112,8 @@ class ConvertedApply:
 
     jit, grad, vmap and sharding treat it like any function. `converted`
     is the conversion behind it (the module, its shared params and buffers,
-    and its graphs cached per input signature), for introspection.
+    and its graphs cached per input signature; `converted.captures` maps each
+    signature to its torch.export capture in trace mode), for introspection.
     """
 
     def __init__(self, converted: _Converted) -> None:
@@ -216,6 +217,9 @@ class _Converted:
         self._alias.update(_aliases(module.named_buffers(remove_duplicate=False)))
         self._state: Params | None = None
         self._graphs: dict[capture_lib.Signature, Callable] = {}
+        # The torch.export capture behind each graph (trace mode), for introspection
+        # and for bridge.export's source comments.
+        self.captures: dict[capture_lib.Signature, capture_lib.Captured] = {}
         self._build_lock = threading.Lock()
 
     # -- values shared with the module
@@ -277,7 +281,7 @@ class _Converted:
     def _build(self, sig: capture_lib.Signature) -> Callable:
         if self.mode == "callback":
             return self._build_callback(sig)
-        captured = capture_lib.capture(self.module, _call_module, sig)
+        captured = self.captures[sig] = capture_lib.capture(self.module, _call_module, sig)
         # Outside strict mode, ops with no lowering and ops whose lowering
         # refuses the arguments at hand run in torch through callbacks.
         fallback = None if self.strict else interpreter.callback_fallback

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -62,6 +63,7 @@ def node_op(node: torch.fx.Node) -> Any:
 
 
 _OWN_FILES = (f"{os.sep}bridge{os.sep}", f"{os.sep}adapters{os.sep}")
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def describe_node(node: torch.fx.Node) -> str:
@@ -70,19 +72,42 @@ def describe_node(node: torch.fx.Node) -> str:
     path = module_path(node)
     if path:
         where.append(f"in module '{path}'")
-    trace = node.meta.get("stack_trace")
-    if trace:
-        lines = [ln.strip() for ln in trace.strip().splitlines()]
-        # The innermost frame outside the bridge's own code, with its source line.
-        frames = [
-            (i, ln) for i, ln in enumerate(lines)
-            if ln.startswith("File ") and not any(own in ln for own in _OWN_FILES)
-        ]
-        if frames:
-            i, frame = frames[-1]
-            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
-            where.append(f"at {frame}" + (f": {code}" if code else ""))
+    frame = _user_frame(node)
+    if frame:
+        where.append(f"at {frame[0]}" + (f": {frame[1]}" if frame[1] else ""))
     return f"{node_op(node)}" + (f" ({', '.join(where)})" if where else "")
+
+
+def _user_frame(node: torch.fx.Node) -> tuple[str, str] | None:
+    """The innermost frame of the node's stack trace outside the bridge's own code:
+    (`File "...", line N, in f`, its source line)."""
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        return None
+    lines = [ln.strip() for ln in trace.strip().splitlines()]
+    frames = [
+        (i, ln) for i, ln in enumerate(lines)
+        if ln.startswith("File ") and not any(own in ln for own in _OWN_FILES)
+    ]
+    # The caller's line rather than torch's own (`F.embedding` inside nn.Embedding).
+    frames = [f for f in frames if _TORCH_DIR not in f[1]] or frames
+    if not frames:
+        return None
+    i, frame = frames[-1]
+    code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+    return frame, code
+
+
+def source_line(node: torch.fx.Node) -> str | None:
+    """`file.py:123: code` of the torch source line that made `node`, where the graph records it."""
+    frame = _user_frame(node)
+    if frame is None:
+        return None
+    found = re.match(r'File "([^"]+)", line (\d+)', frame[0])
+    if not found:
+        return None
+    where = f"{os.path.basename(found.group(1))}:{found.group(2)}"
+    return f"{where}: {frame[1]}" if frame[1] else where
 
 
 def module_path(node: torch.fx.Node) -> str:

@@ -101,7 +101,7 @@ def export(
         constants: dict = {}
         core = source.emit_function(
             program.fn, program.example, name="forward", arg_names=program.arg_names,
-            constants=constants,
+            comments=program.comments, constants=constants,
         )
         if constants:  # tables a lowering computed with NumPy, too large to print
             files["constants.safetensors"] = weights.serialize_arrays(constants)

@@ -40,6 +40,7 @@ class FlatProgram:
     state_updates: list[str]  # buffers the forward updates, in the order they follow the outputs
     param_tensors: dict[str, torch.Tensor]
     state_tensors: dict[str, torch.Tensor]
+    comments: dict[str, str]  # graph node name -> the torch source line that made it
 
 
 def build(module_or_fn: Any, args: tuple, kwargs: dict) -> FlatProgram:
@@ -48,10 +49,12 @@ def build(module_or_fn: Any, args: tuple, kwargs: dict) -> FlatProgram:
 
     if isinstance(module_or_fn, torch.nn.Module):
         apply, params, state = bridge.torch_to_jax_with_state(module_or_fn, strict=True, checks=False)
+        converted = apply.converted
         param_tensors = dict(module_or_fn.named_parameters())
         state_tensors = dict(module_or_fn.named_buffers())
     elif callable(module_or_fn):
         fn = bridge.torch_to_jax(module_or_fn, strict=True, checks=False)
+        converted = fn.converted
 
         def apply(p, s, *a, rng=None, **k):
             return fn(*a, rng=rng, **k), s
@@ -114,7 +117,21 @@ def build(module_or_fn: Any, args: tuple, kwargs: dict) -> FlatProgram:
         state_updates=traced["updates"],
         param_tensors=param_tensors,
         state_tensors=state_tensors,
+        comments=_source_lines(converted),
     )
+
+
+def _source_lines(converted: Any) -> dict[str, str]:
+    """Graph node name -> torch source line, from the captures behind a converted `apply`."""
+    from bridge.interpreter import source_line
+
+    lines = {}
+    for captured in converted.captures.values():
+        for node in captured.program.graph.nodes:
+            line = source_line(node)
+            if line is not None:
+                lines[node.name] = line
+    return lines
 
 
 def _missing_key(e: BaseException) -> bool:

@@ -122,6 +122,7 @@ class Function(P.Ctx):
         self.lines: list[str] = []
         self.dims_used: list[str] = []
         self.extra_dims = extra_dims  # may take undeducible dimensions as parameters
+        self.last_comment: str | None = None
 
     # -- printer context
     def value(self, v: Any) -> Expr:
@@ -156,6 +157,8 @@ class Function(P.Ctx):
         return name
 
     def statement(self, target: str, expr: Expr, comment: str | None = None) -> None:
+        # A source line is printed once above the run of statements it made.
+        comment, self.last_comment = (None if comment == self.last_comment else comment), comment
         if comment:
             text = " ".join(comment.split())
             room = _WIDTH - 6
