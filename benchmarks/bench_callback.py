@@ -24,9 +24,7 @@ translation, is bench_hybrid.py.
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,9 +36,8 @@ import jaxlib
 import numpy as np
 import torch
 from common import (
-    command_line,
-    cpu_model,
     fmt_us,
+    header,
     is_quick,
     results_dir,
     time_interleaved,
@@ -262,18 +259,10 @@ def render(
     quick: bool,
     load: tuple[float, ...],
 ) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     transport = callback.TRANSPORT
     lines = [
-        "## callback: torch behind a JAX primitive under `jax.jit`" + (" (QUICK)" if quick else ""),
-        "",
-        f"- Command: `{command_line(quick)}` ({now})",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores "
-        f"({len(os.sched_getaffinity(0))} usable), load average at start "
-        f"{', '.join(f'{x:.2f}' for x in load)}; {platform.platform()}",
-        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, "
-        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}; transport: "
-        f"`jax.experimental.{transport}`",
+        *header("## callback: torch behind a JAX primitive under `jax.jit`", quick, load,
+                f", jaxlib {jaxlib.__version__}; transport: `jax.experimental.{transport}`"),
         f"- Method: float32 on the CPU, `torch.set_num_threads({TORCH_THREADS})`; "
         f"{cfg.reps_fast:,} calls per O(1) row (after {cfg.warmup} warm-up calls) and "
         f"{cfg.reps_slow:,} per row that reads the large tensor (after "

@@ -16,10 +16,8 @@ Writes `benchmarks/results/bench_dlpack.md`. Environment:
 
 from __future__ import annotations
 
-import datetime
 import gc
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,7 +29,7 @@ import jax.dlpack
 import jax.numpy as jnp
 import jaxlib
 import torch
-from common import command_line, cpu_model, fmt_us, is_quick, results_dir, write_results
+from common import fmt_us, header, is_quick, results_dir, write_results
 
 import bridge
 
@@ -254,16 +252,9 @@ def _targets(rows: list[Row], cfg: Config) -> list[str]:
 
 def render(rows: list[Row], cfg: Config, quick: bool, load: tuple[float, ...]) -> str:
     count = cfg.state_dict[0]
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        "## dlpack: zero-copy `to_jax` / `to_torch` vs raw DLPack" + (" (QUICK)" if quick else ""),
-        "",
-        f"- Command: `{command_line(quick)}` ({now})",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores "
-        f"({len(os.sched_getaffinity(0))} usable), load average at start "
-        f"{', '.join(f'{x:.2f}' for x in load)}; {platform.platform()}",
-        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, "
-        f"jax {jax.__version__}, jaxlib {jaxlib.__version__}",
+        *header("## dlpack: zero-copy `to_jax` / `to_torch` vs raw DLPack", quick, load,
+                f", jaxlib {jaxlib.__version__}"),
         f"- Method: float32 on the CPU; {cfg.single_reps:,} calls per single-tensor row and "
         f"{cfg.state_dict_reps:,} per state_dict row (after {cfg.warmup} warm-up calls), raw "
         "and bridge calls alternating; per-call microseconds as median [p10, p90]. "

@@ -29,10 +29,7 @@ Writes: benchmarks/results/bench_hybrid.md
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
-import sys
 import warnings
 from collections.abc import Callable
 
@@ -40,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from common import cpu_model, fmt_us, is_quick, median, results_dir, time_interleaved, write_results
+from common import fmt_us, header, is_quick, median, results_dir, time_interleaved, write_results
 from torch import nn
 
 import bridge
@@ -172,16 +169,9 @@ def med(ns: list[int]) -> float:
 def render(results: dict, quick: bool, shape: tuple, calls: int, n_callbacks: int, warning: str,
            load: tuple) -> str:
     width, layers, batch = shape
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    env = "BRIDGE_BENCH_QUICK=1 " if quick else ""
     lines = [
-        "## hybrid: one unlowered op run by torch inside a translated program",
-        "",
-        f"- Command: `{env}.venv/bin/python benchmarks/bench_hybrid.py` ({now})",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, load average at start "
-        f"{', '.join(f'{v:.2f}' for v in load)}; {platform.platform()}",
-        f"- Versions: Python {sys.version.split()[0]}, torch {torch.__version__}, jax {jax.__version__}; "
-        f"torch threads {torch.get_num_threads()}",
+        *header("## hybrid: one unlowered op run by torch inside a translated program", quick, load,
+                f"; torch threads {torch.get_num_threads()}"),
         f"- Model: residual MLP, {layers} blocks of Linear({width}, {2 * width}) -> GELU -> "
         f"Linear({2 * width}, {width}), batch {batch}, float32. In the hybrid model the GELU of "
         "block "

@@ -23,17 +23,14 @@ Writes: benchmarks/results/bench_jax_to_torch.md
 
 from __future__ import annotations
 
-import datetime
 import os
-import platform
-import sys
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from common import cpu_model, fmt_us, is_quick, results_dir, time_interleaved, write_results
+from common import fmt_us, header, is_quick, results_dir, time_interleaved, write_results
 
 import bridge
 
@@ -165,16 +162,9 @@ def median_us(ns: list[int]) -> float:
 
 
 def render(rows: list[tuple], quick: bool, calls: int, load: tuple[float, ...]) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    env = "BRIDGE_BENCH_QUICK=1 " if quick else ""
     lines = [
-        "## jax_to_torch: a JAX model as a torch `nn.Module` vs pure JAX",
-        "",
-        f"- Command: `{env}.venv/bin/python benchmarks/bench_jax_to_torch.py` ({now})",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, load average at start "
-        f"{', '.join(f'{v:.2f}' for v in load)}; {platform.platform()}",
-        f"- Versions: Python {sys.version.split()[0]}, torch {torch.__version__}, "
-        f"jax {jax.__version__}, backend {jax.default_backend()}",
+        *header("## jax_to_torch: a JAX model as a torch `nn.Module` vs pure JAX", quick, load,
+                f", backend {jax.default_backend()}"),
         f"- Method: float32, `torch.set_num_threads({TORCH_THREADS})`; {calls} calls per row "
         "after warm-up, the torch and JAX calls in turn (order reversed every round); per-call microseconds as median "
         "[p10, p90]. torch module: `module.zero_grad(set_to_none=True); module(x).backward()` "

@@ -31,12 +31,10 @@ Writes: benchmarks/results/bench_torch_to_jax.md
 from __future__ import annotations
 
 import copy
-import datetime
 import functools
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -51,9 +49,9 @@ import optax
 import torch
 import transformers as tf
 from common import (
-    cpu_model,
     fmt_ms,
     fmt_us,
+    header,
     is_quick,
     median,
     results_dir,
@@ -415,18 +413,11 @@ def s(ns: float) -> str:
 
 
 def render(models: list[Model], mem: dict, mlp: dict, quick: bool, reps: tuple, load: tuple) -> str:
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    env = "BRIDGE_BENCH_QUICK=1 " if quick else ""
     fwd_reps, train_reps, mlp_calls = reps
     lines = [
-        "## torch_to_jax: translated models vs torch eager and torch.compile",
-        "",
-        f"- Command: `{env}.venv/bin/python benchmarks/bench_torch_to_jax.py` ({now})",
-        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, load average at start "
-        f"{', '.join(f'{v:.2f}' for v in load)}; {platform.platform()}",
-        f"- Versions: Python {sys.version.split()[0]}, torch {torch.__version__}, "
-        f"jax {jax.__version__}, transformers {tf.__version__}, optax {optax.__version__}; "
-        f"torch threads {torch.get_num_threads()}, XLA CPU backend",
+        *header("## torch_to_jax: translated models vs torch eager and torch.compile", quick, load,
+                f", transformers {tf.__version__}, optax {optax.__version__}; "
+                f"torch threads {torch.get_num_threads()}, XLA CPU backend"),
         "- Method: float32, random-init transformers models (no weights downloaded). "
         f"{fwd_reps} forward and {train_reps} training-step rounds per model after 2 warm-up "
         "rounds, the three contenders called in turn (order reversed every round); milliseconds per call as "

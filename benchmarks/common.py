@@ -39,6 +39,26 @@ def command_line(quick: bool) -> str:
 
 
 
+def header(title: str, quick: bool, load: tuple[float, ...], versions: str = "") -> list[str]:
+    """The first lines of a results table: title, command, machine, versions (+ `versions`)."""
+    import datetime
+
+    import jax
+    import torch
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return [
+        title + (" (QUICK)" if quick else ""),
+        "",
+        f"- Command: `{command_line(quick)}` ({now})",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores "
+        f"({len(os.sched_getaffinity(0))} usable), load average at start "
+        f"{', '.join(f'{x:.2f}' for x in load)}; {platform.platform()}",
+        f"- Versions: Python {platform.python_version()}, torch {torch.__version__}, "
+        f"jax {jax.__version__}{versions}",
+    ]
+
+
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"
 
 
