@@ -134,16 +134,19 @@ def export_examples(root: pathlib.Path) -> list[str]:
     from numerics import assert_away_from_kinks
 
     written = []
-    gpt2, inputs = models.build("gpt2")
-    write_case(root / "gpt2", gpt2, kwargs={**inputs, "use_cache": False}, optax=True)
-    written.append("gpt2")
+    gpt2, gpt2_inputs = models.build("gpt2")
     resnet, inputs = models.build("resnet")
-    write_case(root / "resnet", resnet, kwargs=inputs, optax=True, kink_check=assert_away_from_kinks)
-    written.append("resnet")
     torch.manual_seed(0)
     bn = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 1), torch.nn.BatchNorm1d(4), torch.nn.Tanh()).train()
-    write_case(root / "batchnorm-train", bn, (torch.randn(5, 3, 7),), x64=True, grad_rtol=1e-9, optax=True)
-    written.append("batchnorm-train")
+    bn_input = torch.randn(5, 3, 7)
+    for format, prefix in (("stablehlo", ""), ("source", "source-")):  # both formats run without torch
+        write_case(root / f"{prefix}gpt2", gpt2, kwargs={**gpt2_inputs, "use_cache": False}, optax=True,
+                   format=format)
+        write_case(root / f"{prefix}batchnorm-train", bn, (bn_input,), x64=True, grad_rtol=1e-9,
+                   optax=True, format=format)
+        written += [f"{prefix}gpt2", f"{prefix}batchnorm-train"]
+    write_case(root / "resnet", resnet, kwargs=inputs, optax=True, kink_check=assert_away_from_kinks)
+    written.append("resnet")
     drop = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)).train()
     write_case(root / "dropout", drop, (torch.randn(4, 6),), rng=True, optax=True)
     written.append("dropout")
