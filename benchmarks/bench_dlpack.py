@@ -190,28 +190,21 @@ def run_cases(cfg: Config) -> list[Row]:
     count, shape = cfg.state_dict
     case = f"state_dict, {count:,} x {shape[0]}x{shape[1]}"
     keys = [f"layers.{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range(count)]
-    sd = {k: torch.full(shape, float(i), dtype=torch.float32) for i, k in enumerate(keys)}
-    raw, bri, checks = _time_pair(
-        _raw_dict_to_jax,
-        bridge.to_jax,
-        sd,
-        _check_dict(_check_tensor_to_jax),
-        cfg.state_dict_reps,
-        cfg.warmup,
+    directions = (
+        ("torch -> jax", torch.full, torch.float32, _raw_dict_to_jax, bridge.to_jax,
+         _check_tensor_to_jax, "{k: jax.dlpack.from_dlpack(v)}"),
+        ("jax -> torch", jnp.full, jnp.float32, _raw_dict_to_torch, bridge.to_torch,
+         _check_jax_to_tensor, "{k: torch.from_dlpack(v)}"),
     )
-    rows.append(Row(case, "torch -> jax", "{k: jax.dlpack.from_dlpack(v)}", raw, bri, checks))
-    del sd
-    jd = {k: jnp.full(shape, float(i), dtype=jnp.float32) for i, k in enumerate(keys)}
-    jax.block_until_ready(jd)
-    raw, bri, checks = _time_pair(
-        _raw_dict_to_torch,
-        bridge.to_torch,
-        jd,
-        _check_dict(_check_jax_to_tensor),
-        cfg.state_dict_reps,
-        cfg.warmup,
-    )
-    rows.append(Row(case, "jax -> torch", "{k: torch.from_dlpack(v)}", raw, bri, checks))
+    for direction, full, dtype, raw_fn, bridge_fn, check, raw_text in directions:
+        # One dict alive at a time: the next direction's is built after this one is freed.
+        tree = {k: full(shape, float(i), dtype=dtype) for i, k in enumerate(keys)}
+        jax.block_until_ready([v for v in tree.values() if isinstance(v, jax.Array)])
+        raw, bri, checks = _time_pair(
+            raw_fn, bridge_fn, tree, _check_dict(check), cfg.state_dict_reps, cfg.warmup
+        )
+        rows.append(Row(case, direction, raw_text, raw, bri, checks))
+        del tree
     return rows
 
 
