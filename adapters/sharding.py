@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["param_shardings", "shard_params"]
@@ -96,10 +97,22 @@ def shard_params(
     """Place every parameter on `mesh` as the first matching rule says.
 
     Same arguments and errors as `param_shardings`; returns the params dict
-    with each array put (`jax.device_put`) onto its `NamedSharding`.
+    with each array put (`jax.device_put`) onto its `NamedSharding`. On a mesh
+    that spans several processes (`jax.distributed`), every process calls it
+    with the same values and places the shards of its own devices.
     """
     shardings = param_shardings(params, mesh, rules, default=default)
-    return {name: jax.device_put(params[name], shardings[name]) for name in params}
+    return {name: _put(params[name], shardings[name]) for name in params}
+
+
+def _put(value: Any, sharding: NamedSharding) -> jax.Array:
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    # A mesh over several processes (jax.distributed): device_put refuses an array
+    # committed to one local device (as torch_to_jax's params are), so each process
+    # places its own shards from a host copy; every process must hold the same value.
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def _check_spec(name: str, shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> None:
