@@ -27,6 +27,7 @@ import torch.utils._pytree as torch_pytree
 from bridge import capture as capture_lib
 from bridge import checks as checks_lib
 from bridge import dtypes, interpreter
+from bridge import fallback as fallback_lib
 from bridge.dlpack import to_jax
 from bridge.ops.registry import MissingKeyError
 from bridge.tree import ARRAY, STATIC, map_tree, partition
@@ -281,10 +282,20 @@ class _Converted:
     def _build(self, sig: capture_lib.Signature) -> Callable:
         if self.mode == "callback":
             return self._build_callback(sig)
-        captured = self.captures[sig] = capture_lib.capture(self.module, _call_module, sig)
+        # Modules (not plain functions) fall back to torch per submodule when
+        # torch.export cannot capture a forward (see bridge/fallback.py).
+        fall_back = not self.strict and not isinstance(self.module, _FunctionModule)
+        try:
+            captured = capture_lib.capture(self.module, _call_module, sig, fall_back=fall_back)
+        except capture_lib.RootFallback as e:
+            _warn_fallback(f"  - '<root>' ({type(self.module).__name__}): {e.source or 'its forward'}")
+            return self._build_callback(sig, updated=e.updated)
+        self.captures[sig] = captured
+        if captured.opaque:
+            _warn_fallback(fallback_lib.describe(captured.opaque))
         # Outside strict mode, ops with no lowering and ops whose lowering
         # refuses the arguments at hand run in torch through callbacks.
-        fallback = None if self.strict else interpreter.callback_fallback
+        fallback = None if self.strict else _callback_lowering
         if captured.unsupported:
             if self.strict:
                 raise interpreter.unsupported_error(captured.unsupported)
@@ -341,7 +352,13 @@ class _Converted:
 
         return run
 
-    def _build_callback(self, sig: capture_lib.Signature) -> Callable:
+    def _build_callback(self, sig: capture_lib.Signature, updated: tuple[str, ...] | None = None) -> Callable:
+        """Run the whole module in torch.
+
+        `updated` (the module-level fallback for a root torch.export cannot
+        capture): the buffers the forward writes, returned as new state; every
+        buffer is then a clone, so no write reaches JAX's buffers.
+        """
         from bridge.callback import wrap
 
         module = self.module
@@ -352,14 +369,35 @@ class _Converted:
             for i, t in zip(array_pos, tensors, strict=True):
                 leaves[i] = t
             args, kwargs = jax.tree_util.tree_unflatten(sig.treedef, leaves)
-            return torch.func.functional_call(module, {**params, **buffers}, args, kwargs)
+            if updated is None:
+                return torch.func.functional_call(module, {**params, **buffers}, args, kwargs)
+            buffers = {n: b.clone() for n, b in buffers.items()}
+            out = torch.func.functional_call(module, {**params, **buffers}, args, kwargs)
+            return out, {n: buffers[n] for n in updated}
 
         wrapped = wrap(torch_fn)
 
         def graph_fn(params, state, arrays, rng):
-            return wrapped(params, state, list(arrays)), {}
+            if updated is None:
+                return wrapped(params, state, list(arrays)), {}
+            return wrapped(params, state, list(arrays))
 
         return graph_fn
+
+
+def _callback_lowering(node: torch.fx.Node) -> Callable:
+    """How a node with no lowering runs: an opaque submodule's call, or one ATen op, in torch."""
+    return fallback_lib.lowering(node) or interpreter.callback_fallback(node)
+
+
+def _warn_fallback(listing: str) -> None:
+    warnings.warn(
+        "torch.export cannot capture these submodules (a Python decision on a tensor's value); "
+        "they run in torch through callbacks and the rest is translated:\n"
+        f"{listing}\nCallbacks run on the host and cannot be serialised or run on TPU; "
+        "pass strict=True to make this an error.",
+        stacklevel=5,
+    )
 
 
 def _traced(tree: Any) -> bool:

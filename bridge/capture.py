@@ -7,6 +7,12 @@ layer_norm, scaled_dot_product_attention, ...) are kept wherever the lowering
 table has them. Only ops without a lowering are decomposed, with a table
 restricted to them; a blanket `run_decompositions()` is avoided (it fails on
 transformers' GPT-2 in torch 2.13).
+
+With `fall_back=True`, a module that torch.export cannot capture because a
+forward makes a Python decision on a tensor's value is captured with the
+innermost such submodules as opaque calls that run in torch (see
+bridge/fallback.py); if the module's own forward makes the decision,
+`RootFallback` says so, for the caller to run the whole module in torch.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
 from bridge import dtypes
+from bridge import fallback as fallback_lib
 from bridge.dlpack import to_torch
 from bridge.interpreter import node_op
 from bridge.ops import LOWERINGS
@@ -41,7 +48,25 @@ _CAPTURE_LOCK = threading.RLock()
 
 
 class CaptureError(RuntimeError):
-    """torch.export could not capture the module for this input signature."""
+    """torch.export could not capture the module for this input signature.
+
+    `module_path` is the submodule whose forward made the Python decision on a
+    tensor's value ('' for the module itself, None if unknown) and `source`
+    the line that made it (`file.py:12 in forward: if x.sum() > 0:`).
+    """
+
+    module_path: str | None = None
+    source: str | None = None
+
+
+class RootFallback(CaptureError):
+    """The module's own forward cannot be captured: run the whole module in torch.
+
+    `updated` names the buffers its forward writes (from one eager run on the
+    example inputs), which the caller must return as new state.
+    """
+
+    updated: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +100,8 @@ class Captured:
     outputs: list[tuple[str, str | None]]  # per graph output: (kind, buffer name)
     out_spec: Any  # torch pytree spec of the user outputs
     unsupported: list[torch.fx.Node]
+    # Submodules that run in torch as opaque calls (module-level fallback).
+    opaque: list[fallback_lib.Opaque] = dataclasses.field(default_factory=list)
 
 
 class _Wrapper(torch.nn.Module):
@@ -127,19 +154,97 @@ def _example_choices(leaves: list[Leaf], x64: bool) -> list[list[bool]]:
     return choices
 
 
-def capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured:
+def capture(module: torch.nn.Module, call: Callable, sig: Signature, fall_back: bool = False) -> Captured:
     """Export `call(module, *args, **kwargs)` for the signature `sig`.
 
     Array leaves become graph inputs; static leaves are baked into the graph
     (they are part of `sig`, so a new value captures anew). Safe to call from
     any thread (captures run one at a time), and the module is left exactly as
-    it was, even when torch.export fails.
+    it was, even when torch.export fails. With `fall_back`, submodules whose
+    forward torch.export cannot capture become opaque calls (`Captured.opaque`);
+    `RootFallback` if the module's own forward cannot be captured.
     """
-    with _CAPTURE_LOCK, _module_preserved(module):
-        return _capture(module, call, sig)
+    if not fall_back:
+        with _CAPTURE_LOCK, _module_preserved(module):
+            return _capture(module, call, sig)
+    with _CAPTURE_LOCK, _module_preserved(module), _no_graph_dumps():
+        try:
+            return _capture(module, call, sig)
+        except CaptureError as e:
+            return _capture_around(module, call, sig, e)
 
 
-def _capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured:
+class _NoGraphDumps:
+    """sys.stderr, less the partial graphs torch.export prints when it fails, from this thread.
+
+    A failed attempt is expected while the fallback searches; its dump (the
+    graph up to the failure) would only bury the warning that says what fell back.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.thread = threading.get_ident()
+        self.dropping = False
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() == self.thread:
+            if "def forward(self" in text:
+                self.dropping = True
+                return len(text)
+            if self.dropping and text == "\n":
+                self.dropping = False
+                return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _no_graph_dumps():
+    stream = sys.stderr
+    sys.stderr = _NoGraphDumps(stream)
+    try:
+        yield
+    finally:
+        sys.stderr = stream
+
+
+def _capture_around(module: torch.nn.Module, call: Callable, sig: Signature, error: CaptureError) -> Captured:
+    """Capture with the innermost submodules that stop torch.export made opaque."""
+    wrapper, leaves, device = _wrapped(module, call, sig)
+    choice = _example_choices(leaves, sig.x64)[0]
+    examples = [example_tensor(leaf, device, w) for leaf, w in zip(leaves, choice, strict=True)]
+    try:
+        recording = fallback_lib.record(module, lambda: wrapper(*examples))
+    except Exception as e:
+        raise error from e  # torch itself fails on the example inputs: nothing to fall back to
+    opaque: dict[str, fallback_lib.Opaque] = {}
+    for _ in range(len(list(module.modules())) + 1):
+        path, reason = error.module_path, error.source or "a Python decision on a tensor's value"
+        while path and path in opaque:  # its caller passes it a value computed from data
+            reason = f"passes submodule '{path}' a value computed from a tensor ({opaque[path].reason})"
+            path = path.rpartition(".")[0]
+        if not path:  # the module's own forward decides
+            root = RootFallback(str(error))
+            root.module_path, root.source = "", reason
+            root.updated = recording.updated.get("", ())
+            raise root from error
+        opaque = {p: o for p, o in opaque.items() if not p.startswith(path + ".")}
+        opaque[path] = fallback_lib.Opaque(path, module.get_submodule(path), reason, recording)
+        try:
+            with fallback_lib.opaque_forwards(opaque.values()):
+                captured = _capture(module, call, sig)
+        except CaptureError as e:
+            error = e
+            continue
+        captured.opaque = list(opaque.values())
+        return captured
+    raise error
+
+
+def _wrapped(module: torch.nn.Module, call: Callable, sig: Signature) -> tuple[_Wrapper, list[Leaf], Any]:
+    """The module wrapped to take flat tensors, the array leaves, the examples' device."""
     array_pos = [i for i, leaf in enumerate(sig.leaves) if isinstance(leaf, Leaf)]
     # Example inputs live where the module's parameters do (e.g. an XLA device).
     device = next((p.device for p in module.parameters()), None)
@@ -152,8 +257,12 @@ def _capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Capture
         # TorchNodes (e.g. a cache passed back in) become torch objects again.
         return to_torch(jax.tree_util.tree_unflatten(sig.treedef, leaves))
 
+    return _Wrapper(module, call, rebuild), leaves, device
+
+
+def _capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured:
     register_model_pytrees(module)
-    wrapper = _Wrapper(module, call, rebuild)
+    wrapper, leaves, device = _wrapped(module, call, sig)
     with warnings.catch_warnings():
         # torch.export's own pytree deprecation noise; nothing a user can act on.
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
@@ -186,26 +295,40 @@ def _module_preserved(module: torch.nn.Module):
             m.training = training
 
 
-def _data_dependent_error(e: Exception) -> CaptureError | None:
+def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError | None:
     """A clear error for torch.export's data-dependent guard failures, or None."""
     name = type(e).__name__
     text = str(e)
     if "DataDependent" not in name and "data-dependent" not in text:
         return None
+    path, source = fallback_lib.locate(e, root)
     where = ""
-    marker = "The following call raised this error:"
-    if marker in text:
-        lines = [ln.strip() for ln in text.split(marker, 1)[1].strip().splitlines()[:2]]
-        where = " at " + ": ".join(ln for ln in lines if ln)
+    if source:
+        where = f" at {source}"
+    else:
+        marker = "The following call raised this error:"
+        if marker in text:
+            lines = [ln.strip() for ln in text.split(marker, 1)[1].strip().splitlines()[:2]]
+            where = " at " + ": ".join(ln for ln in lines if ln)
+    if path:
+        where += f" (in submodule '{path}', {type(root.get_submodule(path)).__name__})"
     reason = text.strip().splitlines()[0] if text.strip() else name
-    return CaptureError(
+    submodule = (
+        f"torch_to_jax with strict=False (the default) runs only submodule '{path}' in torch "
+        "and translates the rest; or " if path else ""
+    )
+    error = CaptureError(
         f"torch.export cannot capture this code: it makes a Python decision from the value "
         f"of a tensor{where} ({reason}). While capturing, tensor values are unknown, so the "
-        "branch cannot be translated into one JAX program. Fixes: convert with "
+        f"branch cannot be translated into one JAX program. Fixes: {submodule}convert with "
         "mode='callback' to run torch itself at run time; or compute both branches and pick "
         "with torch.where (or use torch.cond); or pass the deciding value as a Python "
         "argument (it then becomes a static value, captured once per value)."
     )
+    error.module_path, error.source = path, source
+    return error
+
+
 def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool) -> ExportedProgram:
     """torch.export the wrapper, with 32-bit integer inputs widened where torch accepts it."""
     choices = _example_choices(leaves, x64)
@@ -229,7 +352,7 @@ def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool) -> 
     finally:
         fake_tensor_log.setLevel(levels[0])
         shapes_log.setLevel(levels[1])
-    clear = _data_dependent_error(first_error)
+    clear = _data_dependent_error(first_error, wrapper.m)
     if clear is not None:
         raise clear from first_error
     raise first_error
@@ -273,7 +396,7 @@ def _decompose_unlowered(program: ExportedProgram) -> ExportedProgram:
     failed: set[torch._ops.OpOverload] = set()
     for _ in range(_MAX_DECOMPOSITION_ROUNDS):
         table = {}
-        for op in _graph_ops(program) - LOWERINGS.keys() - failed:
+        for op in _graph_ops(program) - LOWERINGS.keys() - failed - {fallback_lib.OPAQUE_OP}:
             decomp = _decomposition_for(op)
             if decomp is not None:
                 table[op] = decomp
@@ -338,6 +461,7 @@ def _describe(program: ExportedProgram) -> Captured:
         if n.op == "call_function"
         and isinstance(node_op(n), torch._ops.OpOverload)
         and node_op(n) not in LOWERINGS
+        and node_op(n) is not fallback_lib.OPAQUE_OP
     ]
     return Captured(
         program=program,

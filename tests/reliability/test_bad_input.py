@@ -32,7 +32,8 @@ class _Branchy(torch.nn.Module):
 
 
 def test_a_branch_on_a_tensor_value_names_the_line_and_the_fixes():
-    apply, params = bridge.torch_to_jax(_Branchy())
+    # strict: no module-level fallback to torch (tests/test_module_fallback.py)
+    apply, params = bridge.torch_to_jax(_Branchy(), strict=True)
     with pytest.raises(bridge.CaptureError) as info:
         apply(params, jnp.ones(3))
     message = str(info.value)

@@ -113,7 +113,8 @@ def test_failed_capture_leaves_the_module_unchanged_in_every_thread():
     model = _Branchy().eval()
     params_before = dict(model.named_parameters())
     buffers_before = dict(model.named_buffers())
-    apply, params = bridge.torch_to_jax(model)
+    # strict: no module-level fallback to torch, so every capture fails
+    apply, params = bridge.torch_to_jax(model, strict=True)
 
     def call(i: int) -> str:
         with pytest.raises(bridge.CaptureError) as info:
