@@ -264,6 +264,28 @@ def test_buffer_updates_of_a_fallen_back_submodule_come_back_as_state(where):
     np.testing.assert_array_equal(np.asarray(state[prefix + "running_mean"]), np.zeros(4))
 
 
+def test_gradients_through_a_fallen_back_train_mode_batchnorm_match_torch_in_float64():
+    torch.manual_seed(0)
+    m = Net(NormBranch()).train().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    reference = copy.deepcopy(m)
+    out = reference(x)
+    (out**2).sum().backward()
+    with enable_x64(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply, params, state = bridge.torch_to_jax_with_state(m)
+
+        def loss(p):
+            o, new_state = apply(p, state, bridge.to_jax(x))
+            return (o**2).sum(), new_state
+
+        grads, new_state = jax.jit(jax.grad(loss, has_aux=True))(params)
+    errors = relative_errors(grads, {n: p.grad for n, p in reference.named_parameters()})
+    assert max(errors.values()) <= GRAD64_RTOL, errors
+    for name, buffer in reference.named_buffers():
+        np.testing.assert_allclose(np.asarray(new_state[name]), buffer.numpy(), rtol=1e-12)
+
+
 def test_modules_with_nothing_to_fall_back_are_unchanged():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
