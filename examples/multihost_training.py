@@ -218,8 +218,7 @@ class Trainer:
         self.opt = opt
         if mesh is None:
             device = jax.local_devices()[0]
-            # a copy: the step donates its inputs, and params share the module's memory
-            put = lambda tree: jax.device_put(tree, device, may_alias=False)  # noqa: E731
+            put = lambda tree: jax.device_put(tree, device)  # noqa: E731
             self.params, self.buffers = put(params), put(buffers)
             self.opt_state = jax.jit(opt.init)(self.params)
             self.scalar = None
@@ -227,12 +226,9 @@ class Trainer:
             self.params = bridge.shard_params(params, mesh, list(rules), default=None)
             self.buffers = bridge.shard_params(buffers, mesh, [])  # replicated
             self.scalar = NamedSharding(mesh, PartitionSpec())
-            shardings = {k: v.sharding for k, v in self.params.items()}
-            # mu/nu follow the params' sharding; the step count is replicated.
-            abstract = jax.eval_shape(opt.init, self.params)
-            state_shardings = jax.tree.map(
-                lambda a: self.scalar if a.ndim == 0 else None, abstract)
-            state_shardings = _fill_like_params(state_shardings, abstract, shardings)
+            state_shardings = _optimizer_shardings(
+                jax.eval_shape(opt.init, self.params),
+                {k: v.sharding for k, v in self.params.items()}, self.scalar)
             self.opt_state = jax.jit(opt.init, out_shardings=state_shardings)(self.params)
 
         def step(params, opt_state, buffers, batch):
@@ -243,6 +239,7 @@ class Trainer:
 
         trees = (self.params, self.opt_state, self.buffers)
         out = None if mesh is None else (*jax.tree.map(lambda a: a.sharding, trees), self.scalar)
+        # No donate_argnums: on one device the params still share the torch module's memory.
         self._step = jax.jit(step, out_shardings=out)
 
     def step(self, batch):
@@ -258,17 +255,16 @@ class Trainer:
         self.params, self.opt_state, self.buffers = tree["params"], tree["opt_state"], tree["buffers"]
 
 
-def _fill_like_params(state_shardings, abstract, param_shardings):
-    """Optimizer-state leaves shaped like a param dict (optax's mu, nu) get the params' shardings."""
+def _optimizer_shardings(abstract_state, param_shardings: dict, replicated):
+    """Optimizer-state dicts keyed like the params (optax's mu, nu) follow the params'
+    shardings; everything else (step counts) is replicated."""
     import jax
 
-    def fill(node, shards):
-        if isinstance(node, dict) and set(node) == set(param_shardings):
-            return dict(param_shardings)
-        return shards
+    def like_params(node):
+        return isinstance(node, dict) and node.keys() == param_shardings.keys()
 
-    return jax.tree.map(fill, abstract, state_shardings,
-                        is_leaf=lambda n: isinstance(n, dict) and set(n) == set(param_shardings))
+    return jax.tree.map(lambda n: dict(param_shardings) if like_params(n) else replicated,
+                        abstract_state, is_leaf=like_params)
 
 
 def checkpoints(directory: str):

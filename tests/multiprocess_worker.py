@@ -183,6 +183,10 @@ def scenario_train(ckpt: str) -> dict:
         manager.close()
         r["fsdp_shards"] = {k: [list(a.shape), list(a.addressable_shards[0].data.shape)]
                             for k, a in t.params.items()}
+        mu = t.opt_state[0].mu  # optax.adam's first moment follows the params' sharding
+        r["mu_shards_like_params"] = all(
+            mu[k].addressable_shards[0].data.shape == a.addressable_shards[0].data.shape
+            for k, a in t.params.items())
         r["torch_error"] = torch_round_trip(task, t, mesh)
         out[name] = r
     return out

@@ -65,6 +65,10 @@ def test_train_on_two_processes_restore_on_one_and_back_to_torch(tmp_path):
         # FSDP: every parameter's first dimension split 8 ways over the two processes
         for full, shard in t["fsdp_shards"].values():
             assert shard == [full[0] // 8, *full[1:]], (full, shard)
+        assert t["mu_shards_like_params"]
+        rel = max(abs(a - b) / abs(b) for a, b in zip(t["fsdp"] + t["dp"], reference * 2, strict=True))
+        print(f"{name}: 2 x 4 losses vs one device, max relative difference {rel:.1e}; "
+              f"torch vs JAX output {t['torch_error']:.1e}")
         # gathered into the torch module, the weights give JAX's output
         assert t["torch_error"] < 1e-5, t["torch_error"]
         # the 2-process checkpoint of step 3, restored onto 1 process x 8 devices
@@ -81,6 +85,7 @@ def test_dead_process_ends_the_job_and_a_restart_resumes_exactly(tmp_path):
     assert survivor.returncode not in (0, None), survivor.returncode
     waited = survivor.seconds - dead.seconds
     assert 0 <= waited <= FAULT_BOUND_S, waited
+    print(f"process 1 killed; process 0 terminated {waited:.1f} s later (bound {FAULT_BOUND_S} s)")
     assert "Terminating process because the JAX distributed service detected fatal errors" in survivor.stderr
     # "Task 1 heartbeat timeout" or "tasks are unhealthy (stopped sending heartbeats): 1"
     assert re.search(r"heartbeat", survivor.stderr), survivor.stderr[-3000:]
