@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as torch_pytree
 
+from bridge.ops.registry import DataDependentShapeError
+
 __all__ = ["OPAQUE_OP", "FallbackError", "Opaque", "Site", "describe", "locate", "lowering", "opaque_forwards", "record"]
 
 
@@ -285,7 +287,17 @@ class Opaque:
 
             run.__qualname__ = f"submodule '{self.path}' ({type(self.module).__name__})"
             self._jax = wrap(run)
-        return list(self._jax(site, list(args), list(state)))
+        outs = list(self._jax(site, list(args), list(state)))
+        recorded = [tuple(v.shape) for v in ctx.out]
+        if [tuple(o.shape) for o in outs] != recorded:
+            raise DataDependentShapeError(
+                f"the output shapes of submodule '{self.path}' ({type(self.module).__name__}) depend "
+                f"on the values of its inputs: torch gave {recorded} on the example inputs at capture "
+                f"and {[tuple(o.shape) for o in outs]} on zeros. A JAX program needs output shapes "
+                "known from input shapes; pad to a fixed size, or convert with mode='callback' and "
+                "call it outside jax.jit."
+            )
+        return outs
 
 
 def _version(t: torch.Tensor) -> int | None:

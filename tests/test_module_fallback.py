@@ -24,6 +24,7 @@ from torch import nn
 
 import bridge
 from bridge.fallback import FallbackError
+from bridge.ops.registry import DataDependentShapeError
 
 FWD = dict(rtol=1e-5, atol=1e-6)
 
@@ -317,3 +318,19 @@ def test_a_submodule_returning_a_python_number_cannot_fall_back_and_says_why():
     apply, params = bridge.torch_to_jax(UsesTheNumber())
     with pytest.raises(FallbackError, match="'child'.*returns a Python float computed in torch"):
         apply(params, jax.numpy.ones((2, 3)))
+
+
+class Prefix(nn.Module):
+    """Output shape set by values: as many rows as x has nonzero entries."""
+
+    def forward(self, x):
+        return x[: int((x != 0).sum())]
+
+
+def test_a_submodule_whose_output_shape_depends_on_values_is_a_clear_error():
+    torch.manual_seed(0)
+    apply, params = bridge.torch_to_jax(nn.Sequential(nn.Linear(3, 3), Prefix()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataDependentShapeError, match="output shapes of submodule '1' .Prefix. depend on the values"):
+            apply(params, jax.numpy.ones((4, 3)))
