@@ -34,18 +34,20 @@ import time
 from dataclasses import dataclass
 
 REAL_CLUSTER = """\
-On a real multi-host job, run this script once per host, without --processes:
-  Cloud TPU (v4/v5/v6 pod slice):  jax.distributed.initialize() with no arguments: the
-      coordinator, process count and id come from the TPU metadata server;
-      e.g.  gcloud compute tpus tpu-vm ssh NAME --worker=all --command="python multihost_training.py --process-id auto"
-  GPU cluster under Slurm or Open MPI:  jax.distributed.initialize() with no arguments
-      (srun / mpirun set SLURM_* / OMPI_* variables; one process per GPU by default).
-  Anything else (Kubernetes without the kubernetes package, plain ssh):
-      jax.distributed.initialize(coordinator_address="HOST0:PORT", num_processes=N, process_id=I)
-      or set JAX_COORDINATOR_ADDRESS=HOST0:PORT and pass num_processes / process_id.
-  Not on a real job: XLA_FLAGS=--xla_force_host_platform_device_count, JAX_PLATFORMS=cpu
-  and the CPU collectives (gloo): the accelerators and their interconnect take their place.
-  --checkpoint-dir must be a filesystem every host sees (GCS bucket gs://..., NFS)."""
+On a real multi-host job, run this script once per host instead of the launcher:
+  Cloud TPU pod slice, or GPUs under Slurm (srun) or Open MPI (mpirun):
+      python multihost_training.py --process-id auto --checkpoint-dir gs://BUCKET/run
+      -> jax.distributed.initialize() with no arguments: the coordinator, process count
+         and id come from the TPU metadata server or the SLURM_* / OMPI_* variables
+         (GPUs: one process per GPU by default). On TPU VMs, start it on every worker:
+         gcloud compute tpus tpu-vm ssh NAME --worker=all --command="python multihost_training.py ..."
+  Anything else (plain ssh, Kubernetes without the kubernetes package), on host I of N:
+      python multihost_training.py --coordinator HOST0:PORT --processes N --process-id I ...
+      -> jax.distributed.initialize(coordinator_address="HOST0:PORT", num_processes=N,
+         process_id=I); JAX_COORDINATOR_ADDRESS may stand for coordinator_address.
+  Only this local simulation needs XLA_FLAGS=--xla_force_host_platform_device_count,
+  JAX_PLATFORMS=cpu and the CPU collectives (gloo): TPUs and GPUs use their interconnect.
+  --checkpoint-dir must be storage every host sees (a gs:// bucket, NFS)."""
 
 #: Seconds without a heartbeat after which the coordination service declares a
 #: process dead and terminates the others (JAX's default is 100).
@@ -341,7 +343,10 @@ def worker(args) -> None:
         f"{trainer.params['0.weight'].sharding.spec}, "
         f"{trainer.params['0.weight'].addressable_shards[0].data.shape} per device")
 
-    manager = checkpoints(os.path.abspath(args.checkpoint_dir))
+    directory = args.checkpoint_dir or "multihost_checkpoints"
+    if "://" not in directory:  # gs://... stays as it is
+        directory = os.path.abspath(directory)
+    manager = checkpoints(directory)
     start = 0
     if manager.latest_step() is not None:
         start = manager.latest_step()
