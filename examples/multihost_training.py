@@ -16,8 +16,8 @@ with the parameters and the optimizer state). A second run with the same
 --checkpoint-dir resumes from the last checkpoint.
 
 Locally the launcher (`launch`) starts the N processes itself, each with
-XLA_FLAGS=--xla_force_host_platform_device_count=4 and JAX_PLATFORMS=cpu, and
-gives each one `--process-id`. On a real multi-host job only `initialize`
+XLA_FLAGS=--xla_force_host_platform_device_count=4, JAX_PLATFORMS=cpu and
+JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo, and gives each one `--process-id`. On a real multi-host job only `initialize`
 changes (see `REAL_CLUSTER`, printed by the launcher): the training code is the
 same. docs/distributed.md explains each step.
 """
@@ -94,6 +94,7 @@ def launch(
     base.update(
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
         JAX_PLATFORMS="cpu",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",  # cross-process collectives on the CPU
         PYTHONUNBUFFERED="1",
         **(env or {}),
     )

@@ -103,22 +103,18 @@ def test_dead_process_ends_the_job_and_a_restart_resumes_exactly(tmp_path):
     assert r["mesh2_buffers_diff"] < 1e-6
 
 
-def test_example_trains_resumes_and_prints_the_cluster_setup(tmp_path):
+def test_example_trains_and_prints_the_cluster_setup(tmp_path):
     import subprocess
 
-    def run(steps: int) -> str:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "examples" / "multihost_training.py"), "--processes", "2",
-             "--steps", str(steps), "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path)],
-            capture_output=True, text=True, timeout=240,
-        )
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        return proc.stdout
-
-    out = run(4)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "multihost_training.py"), "--processes", "2",
+         "--steps", "4", "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out[-2000:] + proc.stderr[-4000:]
     assert "2 processes x 4 devices = 8 cpu devices" in out
     assert "sharded as P('data',)" in out and "step 4 loss" in out
     assert "torch module with the trained weights vs JAX" in out
     assert "jax.distributed.initialize() with no arguments" in out  # how to run it on a real job
-    out = run(6)
-    assert "resumed from the checkpoint of step 4" in out and "step 5 loss" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4"]  # its Orbax checkpoints
