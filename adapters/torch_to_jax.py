@@ -392,7 +392,7 @@ def _callback_lowering(node: torch.fx.Node) -> Callable:
 
 def _warn_fallback(listing: str) -> None:
     warnings.warn(
-        "torch.export cannot capture these submodules (a Python decision on a tensor's value); "
+        "torch.export cannot capture these submodules (Python code that needs a tensor's values); "
         "they run in torch through callbacks and the rest is translated:\n"
         f"{listing}\nCallbacks run on the host and cannot be serialised or run on TPU; "
         "pass strict=True to make this an error.",

@@ -9,7 +9,8 @@ restricted to them; a blanket `run_decompositions()` is avoided (it fails on
 transformers' GPT-2 in torch 2.13).
 
 With `fall_back=True`, a module that torch.export cannot capture because a
-forward makes a Python decision on a tensor's value is captured with the
+forward makes a Python decision on a tensor's value (or reads its values, as
+`.numpy()` does) is captured with the
 innermost such submodules as opaque calls that run in torch (see
 bridge/fallback.py); if the module's own forward makes the decision,
 `RootFallback` says so, for the caller to run the whole module in torch.
@@ -295,11 +296,17 @@ def _module_preserved(module: torch.nn.Module):
             m.training = training
 
 
+# What torch raises when Python code reads a tensor's values while torch.export
+# traces with fake tensors (`.numpy()`, `np.asarray(x)`, a data pointer).
+_VALUE_READS = (".numpy() is not supported for tensor subclasses", "Cannot access data pointer of Tensor")
+
+
 def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError | None:
     """A clear error for torch.export's data-dependent guard failures, or None."""
     name = type(e).__name__
     text = str(e)
-    if "DataDependent" not in name and "data-dependent" not in text:
+    reads = any(marker in text for marker in _VALUE_READS)
+    if not reads and "DataDependent" not in name and "data-dependent" not in text:
         return None
     path, source = fallback_lib.locate(e, root)
     where = ""
@@ -318,8 +325,9 @@ def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError |
         "and translates the rest; or " if path else ""
     )
     error = CaptureError(
-        f"torch.export cannot capture this code: it makes a Python decision from the value "
-        f"of a tensor{where} ({reason}). While capturing, tensor values are unknown, so the "
+        f"torch.export cannot capture this code: it "
+        f"{'reads the values of a tensor in Python' if reads else 'makes a Python decision from the value of a tensor'}"
+        f"{where} ({reason}). While capturing, tensor values are unknown, so the "
         f"branch cannot be translated into one JAX program. Fixes: {submodule}convert with "
         "mode='callback' to run torch itself at run time; or compute both branches and pick "
         "with torch.where (or use torch.cond); or pass the deciding value as a Python "

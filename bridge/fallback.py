@@ -2,8 +2,8 @@
 
 torch.export stops at a Python decision on a tensor's value (`if x.sum() > 0:`,
 `.item()` or `.tolist()` feeding control flow, torch's own
-`_detect_is_causal_mask` in `nn.Transformer`), although running torch would
-not. `capture` then finds the innermost submodule whose forward made that
+`_detect_is_causal_mask` in `nn.Transformer`) or at Python code reading a
+tensor's values (`.numpy()`), although running torch would not. `capture` then finds the innermost submodule whose forward made that
 decision (`locate`, from the error's traceback), makes it *opaque* and
 captures again, until the rest of the module captures. An opaque submodule
 appears in the graph as one call of the custom op `bridge_fallback::call`,
