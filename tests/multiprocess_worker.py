@@ -11,7 +11,7 @@ Scenarios:
   single  1 x 8: the single-device reference runs, and the step-3 checkpoints
           restored onto this 1-process, 8-device mesh and trained on.
   fault   2 x 4: the ConvNet with a checkpoint after every step; process 1 kills
-          itself while step 4 is in flight.
+          itself while step 4 is in flight (fault0: process 0, the coordinator).
   resume  2 x 4, fresh processes: the uninterrupted ConvNet run, the restart from
           the fault run's last checkpoint, and the same checkpoint on a (4, 2) mesh.
 """
@@ -122,14 +122,14 @@ def batch(task: Task, step: int, mesh=None):
     return mh.process_local_batch(task.rows(step), task.n, NamedSharding(mesh, P("data")))
 
 
-def train(t, task: Task, steps, mesh=None, manager=None, save_every=0, die_in=None) -> list[float]:
+def train(t, task: Task, steps, mesh=None, manager=None, save_every=0, die_in=None, dying=1) -> list[float]:
     import jax
 
     losses = []
     for step in steps:
         value = t.step(batch(task, step, mesh))
-        if step + 1 == die_in and jax.process_index() == 1:
-            print(f"process 1 dies in step {step + 1}", flush=True)
+        if step + 1 == die_in and jax.process_index() == dying:
+            print(f"process {dying} dies in step {step + 1}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)  # the step is in flight on every process
         losses.append(float(value))
         print(f"step {step + 1} loss {losses[-1]:.6f}", flush=True)
@@ -209,12 +209,16 @@ def scenario_single(ckpt: str) -> dict:
     return out
 
 
-def scenario_fault(ckpt: str) -> dict:
+def scenario_fault(ckpt: str, dying: int = 1) -> dict:
     task, mesh = convnet(), mh.mesh()
-    manager = mh.checkpoints(os.path.join(ckpt, "fault"))
+    manager = mh.checkpoints(os.path.join(ckpt, "fault" if dying == 1 else f"fault{dying}"))
     losses = train(trainer(task, mesh, fsdp()), task, range(STEPS), mesh, manager,
-                   save_every=1, die_in=SAVE_AT + 1)
-    return {"losses": losses}  # not reached: process 1 dies, process 0 is terminated
+                   save_every=1, die_in=SAVE_AT + 1, dying=dying)
+    return {"losses": losses}  # not reached: one process dies, the other is terminated
+
+
+def scenario_fault0(ckpt: str) -> dict:
+    return scenario_fault(ckpt, dying=0)  # process 0 hosts the coordination service
 
 
 def scenario_resume(ckpt: str) -> dict:
@@ -239,7 +243,7 @@ def scenario_resume(ckpt: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["train", "single", "fault", "resume"])
+    parser.add_argument("scenario", choices=["train", "single", "fault", "fault0", "resume"])
     parser.add_argument("--checkpoint-dir", required=True)
     parser.add_argument("--process-id", type=int, required=True)
     parser.add_argument("--processes", type=int, required=True)
