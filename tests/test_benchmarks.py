@@ -132,3 +132,33 @@ def test_bench_hybrid_quick_mode_checks_gradients_and_times_every_form(tmp_path)
     forms = ["full translation", "hybrid (1 op in torch)", "callback mode", "torch eager"]
     assert [(r[0], r[1]) for r in rows] == [(w, f) for w in ("forward", "forward + backward") for f in forms]
     assert "compiled one program with 1 custom_call(s)" in text
+
+
+def test_bench_export_quick_mode_checks_parity_and_times_every_form(tmp_path):
+    # Compiling without XLA's backend optimizations keeps this smoke test fast; the
+    # programs, the parity checks and the table are the same.
+    env = {
+        **os.environ, "BRIDGE_BENCH_QUICK": "1", "BRIDGE_BENCH_RESULTS": str(tmp_path),
+        "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
+    }
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_export.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["bench_export.md"]
+    text = (tmp_path / "bench_export.md").read_text()
+    rows = table_rows(text)
+    forward = ["torch_to_jax", "checks=False", "source: `model.apply`", "source: `jax.jit(model.apply)`",
+               "stablehlo: `model.apply`", "stablehlo: `jax.jit(model.apply)`"]
+    train = ["torch_to_jax", "checks=False", "source", "stablehlo"]
+    expected = [("forward", f) for f in forward] + [("training step", f) for f in train]
+    assert len(rows) == 2 * len(expected)
+    for model, half in (("GPT-2 tiny", rows[:10]), ("ResNet-tiny", rows[10:])):
+        for row, (work, form) in zip(half, expected, strict=True):
+            assert row[0].startswith(model) and row[1] == work and form in row[2], row
+            assert float(row[3].split()[0].replace(",", "")) > 0, row
+            assert row[4].endswith("x"), row
+    assert "the same HLO once names are removed" in text
+    targets = text.split("Targets (")[1]
+    assert targets.count(": met") + targets.count(": **not met**") == 16
+    assert targets.count("same forward outputs") == targets.count("same first training loss") == 2
