@@ -22,12 +22,14 @@ from bridge.capture import CaptureError
 from bridge.dlpack import AliasingError, SharingError, checked_writes, to_jax, to_torch
 from bridge.dtypes import UnsupportedDtypeError
 from bridge.export import export
+from bridge.fallback import FallbackError
 from bridge.x64 import X64Error
 from bridge.xla import xla_call
 
 __all__ = [
     "AliasingError",
     "CaptureError",
+    "FallbackError",
     "SharingError",
     "UnsupportedDtypeError",
     "X64Error",
