@@ -39,7 +39,6 @@ LAYERS = ["mlp", "conv2d-groups-dilation", "conv-transpose1d", "batchnorm-eval",
           "multihead-attention", "pooling", "sdpa-causal"]
 
 
-SOURCE = importlib.util.find_spec("bridge.export.source") is not None
 SOURCE_LAYERS = ["mlp", "lstm", "embedding", "sdpa-float-mask"]  # the mask: a constant table
 
 
@@ -69,16 +68,16 @@ def checked(tmp_path_factory):
     write_case(root / "batchnorm-train", bn, (torch.randn(5, 3, 7),), x64=True, grad_rtol=1e-9)
     drop = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)).train()
     write_case(root / "dropout", drop, (torch.randn(4, 6),), rng=True, vmap=True)
-    if SOURCE:  # format="source": readable JAX source, the same checks
-        for name in SOURCE_LAYERS:
-            module, x = _layer(name)
-            write_case(root / f"source-{name}-f32", module, (x,), grad_rtol=None, vmap=True, format="source")
-            write_case(root / f"source-{name}-f64", module, (x,), x64=True, grad_rtol=1e-9, format="source")
-        write_case(root / "source-gpt2", gpt2, kwargs={**models.build("gpt2")[1], "use_cache": False},
-                   grad_rtol=1e-3, format="source")
-        write_case(root / "source-batchnorm-train", bn, (torch.randn(5, 3, 7),), x64=True, grad_rtol=1e-9,
-                   format="source")
-        write_case(root / "source-dropout", drop, (torch.randn(4, 6),), rng=True, vmap=True, format="source")
+    # format="source": readable JAX source, the same checks
+    for name in SOURCE_LAYERS:
+        module, x = _layer(name)
+        write_case(root / f"source-{name}-f32", module, (x,), grad_rtol=None, vmap=True, format="source")
+        write_case(root / f"source-{name}-f64", module, (x,), x64=True, grad_rtol=1e-9, format="source")
+    write_case(root / "source-gpt2", gpt2, kwargs={**models.build("gpt2")[1], "use_cache": False},
+               grad_rtol=1e-3, format="source")
+    write_case(root / "source-batchnorm-train", bn, (torch.randn(5, 3, 7),), x64=True, grad_rtol=1e-9,
+               format="source")
+    write_case(root / "source-dropout", drop, (torch.randn(4, 6),), rng=True, vmap=True, format="source")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "check_exports.py"), str(root), "--block-torch"],
         capture_output=True, text=True, timeout=600,
@@ -92,9 +91,8 @@ EXPECTED = {f"{n}-f32": {"forward", "vmap"} for n in LAYERS}
 EXPECTED |= {f"{n}-f64": {"forward", "grad"} for n in LAYERS}
 EXPECTED |= {"gpt2": {"forward", "grad"}, "resnet": {"forward", "grad"},
              "batchnorm-train": {"forward", "grad", "new_state"}, "dropout": {"forward", "rng", "vmap"}}
-if SOURCE:
-    EXPECTED |= {f"source-{k}": v for k, v in EXPECTED.items()
-                 if k.rsplit("-", 1)[0] in SOURCE_LAYERS or k in ("gpt2", "batchnorm-train", "dropout")}
+EXPECTED |= {f"source-{k}": v for k, v in EXPECTED.items()
+             if k.rsplit("-", 1)[0] in SOURCE_LAYERS or k in ("gpt2", "batchnorm-train", "dropout")}
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
@@ -107,8 +105,7 @@ def test_exported_model_runs_without_torch(checked, case):
     assert not failures, failures
 
 
-@pytest.mark.parametrize("format", ["stablehlo", pytest.param("source", marks=pytest.mark.skipif(
-    not SOURCE, reason="no format='source' printer"))])
+@pytest.mark.parametrize("format", ["stablehlo", "source"])
 def test_export_writes_the_folder_and_identical_bytes_twice(tmp_path, format):
     module, x = _layer("batchnorm-eval")
     for folder in ("a", "b"):
@@ -154,13 +151,6 @@ def test_dynamic_shapes_and_unknown_formats_are_refused(tmp_path):
         export(module, x, path=tmp_path, format="stablehlo", dynamic_shapes={"x": {0: "batch"}})
     with pytest.raises(ValueError, match="format must be one of"):
         export(module, x, path=tmp_path, format="onnx")
-
-
-@pytest.mark.skipif(SOURCE, reason="format='source' is there")
-def test_source_format_points_to_stablehlo_until_it_lands(tmp_path):
-    module, x = _layer("mlp")
-    with pytest.raises(NotImplementedError, match="format='stablehlo'"):
-        export(module, x, path=tmp_path, format="source")
 
 
 @pytest.mark.slow

@@ -20,7 +20,6 @@ and `checks=False`, and traced once at the example inputs. See docs/export.md.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 from typing import Any
@@ -76,12 +75,6 @@ def export(
             "cannot be traced with symbolic dimensions. Export with example inputs of the shape "
             "you will call it with (the exported program checks shapes at call time), or map "
             "over a batch with jax.vmap."
-        )
-    if format == "source" and importlib.util.find_spec("bridge.export.source") is None:
-        raise NotImplementedError(
-            "format='source' (readable JAX source) is not available in this version; use "
-            "format='stablehlo', which writes the same folder layout and model.py API "
-            "(load, apply, apply_with_state) around a serialized jax.export program."
         )
     program = flat.build(module_or_fn, example_args, example_kwargs)
     folder = pathlib.Path(path)
