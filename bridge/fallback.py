@@ -79,20 +79,24 @@ class Site:
 
     spec: Any  # torch pytree spec of (args, kwargs)
     statics: tuple  # per leaf: _TENSOR or the static value
+    types: tuple  # per leaf: the static value's type (2, 2.0 and True are equal, not alike)
     inputs: tuple  # (shape, dtype) per tensor leaf
     out_spec: Any  # torch pytree spec of the output
     outputs: tuple  # (shape, dtype, device) per output leaf; None for a None leaf
 
     @staticmethod
-    def signature(args: tuple, kwargs: dict) -> tuple[Any, tuple, tuple, list[torch.Tensor]]:
+    def signature(args: tuple, kwargs: dict) -> tuple[Any, tuple, tuple, tuple, list[torch.Tensor]]:
         leaves, spec = torch_pytree.tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         statics = tuple(_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves)
+        types = tuple(type(x) for x in statics)
         inputs = tuple((tuple(int(s) for s in t.shape), t.dtype) for t in tensors)
-        return spec, statics, inputs, tensors
+        return spec, statics, types, inputs, tensors
 
-    def matches(self, spec: Any, statics: tuple, inputs: tuple) -> bool:
-        return self.spec == spec and self.statics == statics and self.inputs == inputs
+    def matches(self, spec: Any, statics: tuple, types: tuple, inputs: tuple) -> bool:
+        # Values first: a SymInt computed from data raises here (its caller falls back).
+        return (self.spec == spec and self.statics == statics and self.types == types
+                and self.inputs == inputs)
 
 
 @dataclasses.dataclass
@@ -120,7 +124,7 @@ def record(module: torch.nn.Module, run: Callable[[], Any]) -> Recording:
 
     def post(m: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         path = paths[id(m)]
-        spec, statics, inputs, _ = Site.signature(args, kwargs)
+        spec, statics, types, inputs, _ = Site.signature(args, kwargs)
         out_leaves, out_spec = torch_pytree.tree_flatten(out)
         outputs = []
         for x in out_leaves:
@@ -133,8 +137,8 @@ def record(module: torch.nn.Module, run: Callable[[], Any]) -> Recording:
                     path, f"its forward returns a Python {type(x).__name__} computed in torch, which a "
                     "callback cannot return (only tensors and None)")
         sites = rec.sites.setdefault(path, [])
-        if not any(s.matches(spec, statics, inputs) for s in sites):
-            sites.append(Site(spec, statics, inputs, out_spec, tuple(outputs)))
+        if not any(s.matches(spec, statics, types, inputs) for s in sites):
+            sites.append(Site(spec, statics, types, inputs, out_spec, tuple(outputs)))
 
     handles = [m.register_forward_hook(post, with_kwargs=True, prepend=True) for m in module.modules()]
     originals = dict(module.named_buffers())
@@ -221,9 +225,9 @@ class Opaque:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The submodule's forward during capture: one `bridge_fallback::call` node."""
-        spec, statics, inputs, tensors = Site.signature(args, kwargs)
+        spec, statics, types, inputs, tensors = Site.signature(args, kwargs)
         try:
-            site = next(i for i, s in enumerate(self.sites) if s.matches(spec, statics, inputs))
+            site = next(i for i, s in enumerate(self.sites) if s.matches(spec, statics, types, inputs))
         except StopIteration:
             raise FallbackError(
                 f"submodule '{self.path}' falls back to torch, but torch.export called it with "

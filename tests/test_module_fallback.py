@@ -344,3 +344,30 @@ def test_a_submodule_whose_output_shape_depends_on_values_is_a_clear_error():
         warnings.simplefilter("ignore")
         with pytest.raises(DataDependentShapeError, match="output shapes of submodule '1' .Prefix. depend on the values"):
             apply(params, jax.numpy.ones((4, 3)))
+
+
+class ScaleBy(nn.Module):
+    """A child that branches on a value and multiplies an int tensor by a static scale."""
+
+    def forward(self, ids, scale):
+        if ids.sum() > 0:
+            return ids * scale
+        return -ids * scale
+
+
+class TwoScales(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.child = ScaleBy()
+
+    def forward(self, ids):
+        # 2 and 2.0 are equal and hash alike, but torch gives int32 for one and float32 for the other.
+        return self.child(ids, 2), self.child(ids, 2.0)
+
+
+def test_a_fallen_back_child_keeps_apart_static_arguments_of_another_type():
+    ids = torch.arange(1, 4, dtype=torch.int32)
+    apply, params, out, _ = converted(TwoScales(), ids)
+    for got, expected in zip(out, TwoScales()(ids), strict=True):
+        assert got.dtype == bridge.dtypes.to_jax_dtype(expected.dtype)
+        np.testing.assert_array_equal(np.asarray(got), expected.numpy())
