@@ -213,10 +213,6 @@ class Partition(NamedTuple):
     def mask(self) -> tuple[bool, ...]:
         return tuple(s is ARRAY for s in self.slots)
 
-    @property
-    def statics(self) -> tuple:
-        return tuple(s[1] for s in self.slots if s is not ARRAY)
-
 
 def partition(
     tree: Any, take: Callable[[Any, int], Any], who: str, *, array: str = "an array"
