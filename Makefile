@@ -6,6 +6,8 @@
 #   make bench       .venv + benchmarks/
 #   make coverage    regenerate docs/ops.md from the OpInfo sweep
 #   make conformance the OpInfo sweep over every float32 sample (hours; BRIDGE_CONFORMANCE=full: every dtype)
+#   make models      torchvision, timm and torch.nn models through the bridge (.venv-models; about an hour)
+#   make test-models the fast subset of make models (make test runs it too)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -40,9 +42,11 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) examples/quickstart.py
 
-test: venv
+test: venv venv-models
 	# Includes the float32 OpInfo sweep (tests/test_opinfo.py), OPINFO_SAMPLES samples per entry.
 	BRIDGE_OPINFO_SAMPLES=$(OPINFO_SAMPLES) $(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	# The model-library subset runs where torchvision and timm are installed.
+	$(MODELS_PY) -m pytest -n $(TEST_WORKERS) -p no:cacheprovider tests/test_model_zoo.py
 
 bench: venv
 	$(PY) benchmarks/run.py
@@ -100,5 +104,35 @@ test-torchless: venv venv-torchless
 	  $(PY) tools/export_examples.py "$$dir"; \
 	  .venv-torchless/bin/python tools/check_exports.py "$$dir" --optax
 
+# The model-sweep environment: .venv's pins plus torchvision and timm (constraints-models.txt).
+# They stay out of .venv: PyPI's torchvision is a CUDA build whose import breaks transformers
+# there. Built once per machine under ~/.cache, keyed by the constraints' and pyproject's hash.
+MODELS_KEY = $(shell cat constraints.txt constraints-models.txt pyproject.toml | sha256sum | cut -c1-16)
+MODELS_VENV = $(XLA_CACHE)/venv-models-$(MODELS_KEY)
+MODELS_PY = .venv-models/bin/python
+
+.PHONY: venv-models models test-models
+
+$(MODELS_VENV)/.complete: constraints.txt constraints-models.txt pyproject.toml
+	rm -rf "$(MODELS_VENV)" && mkdir -p "$(XLA_CACHE)" && $(PYTHON) -m venv "$(MODELS_VENV)"
+	"$(MODELS_VENV)/bin/python" -m pip install $(PIP_QUIET) --upgrade "pip==25.3"
+	# torch first and pinned: the CPU wheel on disk (torchvision's pin would take a CUDA build).
+	"$(MODELS_VENV)/bin/python" -m pip install $(PIP_QUIET) "torch==2.13.0"
+	"$(MODELS_VENV)/bin/python" -m pip install $(PIP_QUIET) -c constraints.txt -c constraints-models.txt \
+	  -e ".[test]" torchvision timm
+	touch "$@"
+
+venv-models: $(MODELS_VENV)/.complete
+	ln -sfn "$(MODELS_VENV)" .venv-models
+	# Re-point the editable install at this checkout (cheap; the venv is shared).
+	$(MODELS_PY) -m pip install $(PIP_QUIET) --no-deps --no-build-isolation -e .
+
+models: venv-models
+	# Every case (about an hour on 2 cores); writes docs/models.md. MODELS_ARGS="-k resnet" for some.
+	$(MODELS_PY) tools/models.py --jobs $(TEST_WORKERS) $(MODELS_ARGS)
+
+test-models: venv-models
+	$(MODELS_PY) -m pytest -n $(TEST_WORKERS) -p no:cacheprovider tests/test_model_zoo.py $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .venv-xla .venv-torchless build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-xla .venv-torchless .venv-models build *.egg-info .pytest_cache .hypothesis

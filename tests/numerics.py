@@ -352,6 +352,16 @@ class KinkMonitor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        # Distances first: an in-place op (relu_, clamp_) overwrites its operand, and
+        # measured afterwards every negative ReLU input would sit exactly on the kink.
+        rule = _RULES.get(func.overloadpacket)
+        got = None
+        if rule is not None and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and args[0].numel():
+            got = rule(args, kwargs)
+            if got is not None:
+                dist, operand = got
+                scale = float(operand.detach().abs().max()) if operand.numel() else 0.0
+                got = (dist.detach().to(torch.float64).reshape(-1).clone(), scale)
         out = func(*args, **kwargs)
         # A float64 value taken down to a lower precision: the model computes this part
         # in float32 whatever its dtype (constants created in float32 do not count).
@@ -359,13 +369,8 @@ class KinkMonitor(TorchDispatchMode):
             if any(isinstance(o, torch.Tensor) and o.is_floating_point() and o.dtype != torch.float64
                    for o in torch_pytree.tree_leaves(out)):
                 self.low_precision_ops.add(str(func))
-        rule = _RULES.get(func.overloadpacket)
-        if rule is not None and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and args[0].numel():
-            got = rule(args, kwargs)
-            if got is not None:
-                dist, operand = got
-                scale = float(operand.detach().abs().max()) if operand.numel() else 0.0
-                self.records.append((str(func), dist.detach().to(torch.float64).reshape(-1), scale))
+        if got is not None:
+            self.records.append((str(func), *got))
         return out
 
     def assert_away_from_kinks(self, float32_run: KinkMonitor) -> None:
