@@ -255,6 +255,16 @@ def test_scalar_loss_with_a_remat_policy_keeps_residuals():
     assert jitted_fn(module).apply_vjp._cache_size() == 1
 
 
+def test_plain_tensor_arguments_take_the_same_cache_key_as_any_other():
+    from bridge.adapters.jax_function import split_args
+
+    t = torch.ones(2)
+    fast = split_args((t, t), {})
+    slow = split_args((torch.nn.Parameter(t), t), {})  # a subclass walks the pytree
+    assert fast[1] == slow[1] and hash(fast[1]) == hash(slow[1])
+    assert all(a is t for a in fast[0])
+
+
 def test_inplace_change_of_a_saved_input_is_detected():
     module = bridge.jax_to_torch(mlp, make_params())
     x = torch.randn(6, 4, requires_grad=True)
