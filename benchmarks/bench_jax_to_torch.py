@@ -27,6 +27,7 @@ Writes: benchmarks/results/bench_jax_to_torch.md
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 
 import jax
@@ -46,6 +47,7 @@ POLICIES = [("", None), (", remat_policy=dots_saveable", jax.checkpoint_policies
 # The module returns the model's output (not a scalar) and torch computes the
 # loss: the backward gets a full cotangent, so the forward keeps the residuals.
 LOSS_IN_TORCH = ", model converted, loss in torch"
+BREAKDOWN_CALLS = {False: 1000, True: 20}  # steps of the MLP timed in parts (full, quick)
 
 
 def mlp_case(quick: bool) -> Case:
@@ -181,6 +183,44 @@ def run_case(case: Case, calls: int, warmup: int) -> list[tuple]:
     return rows
 
 
+def breakdown(case: Case, calls: int, warmup: int) -> dict[str, list[int]]:
+    """Where a scalar-loss training step's time goes (default module), timed in
+    turn with pure JAX: `zero_grad`, the forward (tensors to arrays, the one
+    fused XLA program, outputs back, autograd's bookkeeping) and the backward
+    (torch's engine and the gradients handed over: no XLA call); pure JAX's
+    `value_and_grad` with `x` as a JAX array, and with `x` as the NumPy view
+    the module passes it as (so JAX imports it on every call too)."""
+    name, model, params, x_np = case
+    loss = mean_square(model)
+    x_t, x_j = torch.from_numpy(x_np), jnp.asarray(x_np)
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    module = bridge.jax_to_torch(loss, params)
+    params_j = module.jax_params()
+    parts: dict[str, list[int]] = {"zero_grad": [], "forward": [], "backward": []}
+
+    def step() -> None:
+        t0 = time.perf_counter_ns()
+        module.zero_grad(set_to_none=True)
+        t1 = time.perf_counter_ns()
+        out = module(x_t)
+        t2 = time.perf_counter_ns()
+        out.backward()
+        t3 = time.perf_counter_ns()
+        for key, ns in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            parts[key].append(ns)
+
+    times = time_interleaved(
+        {
+            "step": step,
+            "jax": lambda: jax.block_until_ready(value_and_grad(params_j, x_j)),
+            "jax, x as NumPy": lambda: jax.block_until_ready(value_and_grad(params_j, x_np)),
+        },
+        calls,
+        warmup,
+    )
+    return {**{k: v[warmup:] for k, v in parts.items()}, **times}
+
+
 def median_us(ns: list[int]) -> float:
     return float(np.median(ns)) / 1e3
 
@@ -222,6 +262,18 @@ def render(rows: list[tuple], quick: bool, calls: int, load: tuple[float, ...]) 
     )
 
 
+def render_breakdown(name: str, split: dict[str, list[int]]) -> str:
+    parts = "; ".join(f"{k} {fmt_us(v)} us" for k, v in split.items())
+    step = sum(median_us(split[k]) for k in ("zero_grad", "forward", "backward"))
+    return (
+        f"- Where the time goes, {name}, forward + backward of the default module "
+        f"({len(split['step']):,} steps, each timed in parts, in turn with pure JAX): "
+        f"{parts}. The parts' medians add up to {step:,.1f} us; the forward exceeds pure "
+        f"JAX with x as NumPy by {median_us(split['forward']) - median_us(split['jax, x as NumPy']):,.1f} us "
+        "(no target)\n"
+    )
+
+
 def main() -> None:
     quick = is_quick()
     out_dir = results_dir(quick)
@@ -231,7 +283,10 @@ def main() -> None:
     rows = []
     for make in (mlp_case, transformer_case):
         rows.extend(run_case(make(quick), calls, warmup))
-    write_results(out_dir, "bench_jax_to_torch", render(rows, quick, calls, load))
+    mlp = mlp_case(quick)
+    split = breakdown(mlp, BREAKDOWN_CALLS[quick], warmup)
+    text = render(rows, quick, calls, load) + render_breakdown(mlp[0], split)
+    write_results(out_dir, "bench_jax_to_torch", text)
 
 
 if __name__ == "__main__":
