@@ -6,7 +6,11 @@ runs `JaxFunction` `fn` on `tensors` so that torch autograd flows through
 it: the forward runs `fn.fwd_vjp` (the jitted forward that also returns the
 VJP's residuals, `jax_flat.Residuals`), and the backward applies them
 (`fn.apply_vjp`) instead of recomputing the forward. The residuals stay JAX
-arrays on the JAX side; only the outputs and the gradients cross.
+arrays on the JAX side; only the outputs and the gradients cross. For a
+scalar loss the forward returns its gradients for a cotangent of 1
+(`jax_flat.Gradients`, one fused XLA program as `jax.value_and_grad`), and a
+backward that gets exactly that cotangent hands them over; any other
+cotangent recomputes the VJP.
 
 - `diff[i]` marks the inputs that get gradients.
 - `run(fn, tensors) -> list[Tensor]` is the caller's own way to run a
@@ -31,7 +35,7 @@ from typing import Any
 import jax
 import torch
 from bridge.adapters import jax_boundary as boundary
-from bridge.adapters.jax_flat import JaxFunction, Residuals
+from bridge.adapters.jax_flat import Gradients, JaxFunction, Residuals
 
 __all__ = ["Run", "call", "differentiable_outputs"]
 
@@ -67,6 +71,11 @@ def differentiable_outputs(outs: Sequence[torch.Tensor], n_primary: int) -> list
     return [i < n_primary and boundary.differentiable(o) for i, o in enumerate(outs)]
 
 
+def _is_one(cts: Sequence[torch.Tensor]) -> bool:
+    """Whether the cotangents are the single scalar 1 that `loss.backward()` sends."""
+    return len(cts) == 1 and cts[0].dim() == 0 and cts[0].item() == 1.0
+
+
 def _setup(
     ctx: Any, fn: JaxFunction, diff: tuple, run: Run, tensors: Sequence, output: tuple
 ) -> None:
@@ -82,14 +91,22 @@ def _backward(ctx: Any, grads: Sequence[torch.Tensor | None]) -> tuple:
     # Gradients of tensor outputs arrive materialised (zeros when unused); the
     # last output is the saved residuals, which get none.
     cts = [g for g, d in zip(grads[:-1], ctx.out_diff, strict=True) if d]
-    if torch.is_grad_enabled() or ctx.res.res is None:
-        # create_graph (or a torch.func transform): a differentiable backward.
+    saved = ctx.res
+    res = saved.res
+    if isinstance(res, Gradients) and not torch.is_grad_enabled() and _is_one(cts):
+        ctx.saved_tensors  # noqa: B018 -- raises if an input was modified in place
+        # Handed out once: torch may write into .grad, and these are its buffers.
+        saved.res = None
+        gin = boundary.torch_outputs(res.leaves)
+    elif torch.is_grad_enabled() or not isinstance(res, Residuals):
+        # create_graph (or a torch.func transform), or a cotangent the saved
+        # gradients were not computed for: a backward that recomputes the forward.
         inputs = [*ctx.saved_tensors, *cts]
         gin = ctx.run(ctx.fn.recompute_vjp(ctx.diff, _example(inputs)), inputs)
     else:
         ctx.saved_tensors  # noqa: B018 -- raises if an input was modified in place
         cts = [boundary.jax_input(c) for c in cts]
-        gin = boundary.torch_outputs(ctx.fn.apply_vjp(ctx.res.res, ctx.res.inputs, cts))
+        gin = boundary.torch_outputs(ctx.fn.apply_vjp(res, saved.inputs, cts))
     it = iter(gin)
     return (None, None, None, *[next(it) if d else None for d in ctx.diff])
 

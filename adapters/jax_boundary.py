@@ -92,7 +92,7 @@ def jax_input(t: torch.Tensor, views: Views | None = None) -> Any:
         remember_view(views, t, a)
         return a
     if (
-        t.device.type == "cpu"
+        t.is_cpu
         and t.dtype in _NUMPY_DTYPES
         and not t.is_conj()
         and not t.is_neg()

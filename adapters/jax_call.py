@@ -123,7 +123,7 @@ def run(fn: JaxFunction, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Call `fn` on `tensors` with torch autograd; returns primary + aux outputs."""
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     diff = tuple(grad and t.requires_grad and boundary.differentiable(t) for t in tensors)
-    if tensors and any(t.device.type == "xla" for t in tensors):
+    if any(t.is_xla for t in tensors):
         # On torch_xla devices the JAX computation joins torch_xla's own graph.
         from bridge import xla
 

@@ -10,6 +10,7 @@ reach these functions.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from bridge.adapters.jax_boundary import Views, decode, encode, key_impls
 
-__all__ = ["Example", "JaxFunction", "Residuals", "function_for_key", "vjp_impl"]
+__all__ = ["Example", "Gradients", "JaxFunction", "Residuals", "function_for_key", "vjp_impl"]
 
 
 # The derived functions take their example arguments (arrays or
@@ -91,6 +92,32 @@ class Residuals:
         return cls(list(leaves), *static)
 
 
+@jax.tree_util.register_pytree_node_class
+class Gradients:
+    """The gradients of a scalar loss for a cotangent of 1, in torch's
+    convention, computed by the forward (see `JaxFunction.fwd_vjp`).
+
+    A backward whose cotangent is exactly 1 takes them (once: `take`); any
+    other backward recomputes the VJP for its own cotangent, so the answer
+    never depends on which path ran.
+    """
+
+    def __init__(self, leaves: list[Any]) -> None:
+        self.leaves = leaves
+
+    def tree_flatten(self) -> tuple[list[Any], None]:
+        return self.leaves, None
+
+    @classmethod
+    def tree_unflatten(cls, static: None, leaves: list[Any]) -> Gradients:
+        return cls(list(leaves))
+
+
+def _is_loss(out: Sequence[Any]) -> bool:
+    """One differentiable output, a real scalar: what `loss.backward()` differentiates."""
+    return len(out) == 1 and out[0].shape == () and jnp.issubdtype(out[0].dtype, jnp.floating)
+
+
 def vjp_impl(res: Residuals, xs: Sequence[Any], cts: Sequence[Any]) -> list[Any]:
     """Gradients of the inputs, in torch's convention, from a forward's residuals."""
     # torch's gradients of complex values are the conjugates of JAX's.
@@ -153,7 +180,7 @@ class JaxFunction:
         self.out_def: Any = None  # known once eval_shape below answers
         self.n_aux = 0
         self.plain = jax.jit(self.traced)
-        self.fwd_vjp = jax.jit(self._fwd_vjp, static_argnums=0)
+        self.fwd_vjp = jax.jit(self._fwd_for_backward, static_argnums=0)
 
         # A jit of its own (not one shared by every function): jit caches its
         # traces per function, and the residuals' tree structure names this
@@ -194,6 +221,32 @@ class JaxFunction:
         return prim, aux
 
     def _fwd_vjp(self, diff: tuple[bool, ...], *xs: Any) -> tuple[list, list, Residuals]:
+        _, vjp, prim, aux = self._linearize(diff, xs)
+        return prim, aux, Residuals.of(vjp, xs)
+
+    def _fwd_for_backward(
+        self, diff: tuple[bool, ...], *xs: Any
+    ) -> tuple[list, list, Residuals | Gradients]:
+        """The forward that autograd runs, with what its backward will need.
+
+        A scalar loss (one differentiable output, 0-d and real) is usually
+        differentiated with a cotangent of exactly 1 (`loss.backward()`), so
+        its gradients are computed here, in the forward's own XLA program,
+        which then fuses the forward and backward as `jax.value_and_grad` does
+        (XLA recomputes the cheap elementwise values instead of writing them
+        out). What waits for the backward is then the gradients, the size of
+        the differentiated inputs, instead of the VJP's residuals. Any other
+        output, or a `remat_policy` the user chose, keeps the residuals.
+        """
+        out, vjp, prim, aux = self._linearize(diff, xs)
+        if self.remat_policy is None and _is_loss(out):
+            grads = vjp([jnp.ones((), out[0].dtype)])
+            return prim, aux, Gradients([_conj(g) for g in grads])
+        return prim, aux, Residuals.of(vjp, xs)
+
+    def _linearize(self, diff: tuple[bool, ...], xs: Sequence[Any]) -> tuple:
+        """`jax.vjp` of the differentiable outputs in the inputs marked by `diff`:
+        (those outputs, the VJP, every primary output, the aux outputs)."""
         idx = [i for i, d in enumerate(diff) if d]
 
         def g(*d: Any) -> tuple[list[Any], tuple[list[Any], list[Any]]]:
@@ -207,8 +260,8 @@ class JaxFunction:
 
         if self.remat_policy is not None:
             g = jax.checkpoint(g, policy=self.remat_policy)
-        _, vjp, (prim, aux) = jax.vjp(g, *[xs[i] for i in idx], has_aux=True)
-        return prim, aux, Residuals.of(vjp, xs)
+        out, vjp, (prim, aux) = jax.vjp(g, *[xs[i] for i in idx], has_aux=True)
+        return out, vjp, prim, aux
 
     def _derive(self, key: tuple, make: Callable[[], tuple]) -> JaxFunction:
         fn = self._derived.get(key)
@@ -276,7 +329,7 @@ class JaxFunction:
 
         def make() -> tuple[Callable, str, Sequence[Any]]:
             inputs = [jax.ShapeDtypeStruct(s, d) for s, d in sig]
-            prim, _, shape = self.fwd_vjp.eval_shape(diff, *inputs)
+            prim, _, shape = jax.eval_shape(functools.partial(self._fwd_vjp, diff), *inputs)
             encoded = jax.eval_shape(Residuals.encoded, shape)
             n_in, n_res = len(inputs), len(encoded)
 

@@ -50,8 +50,17 @@ def _take(leaf: Any, i: int) -> Any:
 
 def split_args(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], Partition]:
     """Tensor leaves of `(args, kwargs)` (JAX and NumPy arrays become tensors) and the rest."""
+    if not kwargs and all(type(a) is torch.Tensor for a in args):
+        # The common call, module(x, ...): plain tensors, no pytree to walk.
+        return list(args), _tensors_only(len(args))
     sig, tensors = partition((args, kwargs), _take, "jax_to_torch")
     return tensors, sig
+
+
+@functools.cache
+def _tensors_only(n: int) -> Partition:
+    """What `partition` makes of `n` positional tensors and no keywords (one per arity)."""
+    return partition((tuple(range(n)), {}), lambda leaf, i: leaf, "jax_to_torch")[0]
 
 
 def _numpy_input(a: np.ndarray, i: int) -> torch.Tensor:

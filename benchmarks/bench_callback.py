@@ -170,10 +170,12 @@ def run_cases(cfg: Config) -> list[Row]:
 
 
 def floor_ns(cfg: Config) -> dict[str, list[int]]:
-    """What buffer_callback itself costs, timed alternating with the bridge:
-    a jitted buffer_callback whose callback does nothing ("empty"), and one
-    that runs `torch.sin` on the buffers with nothing else ("minimal": no
-    checks, no pytrees, no caching)."""
+    """Where a small callback's time goes, timed alternating with the bridge:
+    `jax.jit(jnp.sin)` ("jit"), a jitted buffer_callback whose callback does
+    nothing ("empty"), one that only imports its input and output buffers
+    into torch through DLPack ("dlpack"), and one that runs `torch.sin` on
+    them with nothing else ("minimal": no checks, no pytrees, no caching).
+    Each step's difference to the one before is its share."""
     x = jnp.full((cfg.small,), 0.5, jnp.float32)
     shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
     from_dlpack = torch._C._from_dlpack
@@ -181,16 +183,24 @@ def floor_ns(cfg: Config) -> dict[str, list[int]]:
     def nothing(ctx: Any, out: Any, x: Any) -> None:
         pass
 
+    def imports(ctx: Any, out: Any, x: Any) -> None:
+        from_dlpack(x.__dlpack__())
+        from_dlpack(out.__dlpack__())
+
     def minimal(ctx: Any, out: Any, x: Any) -> None:
         from_dlpack(out.__dlpack__()).copy_(torch.sin(from_dlpack(x.__dlpack__())))
 
+    plain = jax.jit(jnp.sin)
     empty = jax.jit(lambda x: buffer_callback(nothing, shape)(x))
+    dlpack = jax.jit(lambda x: buffer_callback(imports, shape)(x))
     hand = jax.jit(lambda x: buffer_callback(minimal, shape)(x))
     bridged = jax.jit(callback.wrap(torch.sin))
     np.testing.assert_allclose(np.asarray(hand(x)), np.asarray(bridged(x)), rtol=1e-6)
     return time_interleaved(
         {
+            "jit": lambda: plain(x).block_until_ready(),
             "empty": lambda: empty(x).block_until_ready(),
+            "dlpack": lambda: dlpack(x).block_until_ready(),
             "minimal": lambda: hand(x).block_until_ready(),
             "bridge": lambda: bridged(x).block_until_ready(),
         },
@@ -218,6 +228,20 @@ def _spread_us(ns: list[int]) -> float:
     return (deciles[-1] - deciles[0]) / 1e3
 
 
+def _shares(floor: dict[str, list[int]]) -> str:
+    steps = [
+        ("jit", "empty", "JAX's host-callback machinery"),
+        ("empty", "dlpack", "DLPack imports of the two buffers"),
+        ("dlpack", "minimal", "torch (`sin` and the copy into XLA's buffer)"),
+        ("minimal", "bridge", "the bridge's own checks and glue"),
+    ]
+    parts = [
+        f"{name} {(statistics.median(floor[b]) - statistics.median(floor[a])) / 1e3:.1f} us"
+        for a, b, name in steps
+    ]
+    return "; ".join(parts)
+
+
 def _targets(rows: list[Row], floor: dict[str, list[int]]) -> list[str]:
     small, large_o1, large_sum, large_out = rows
     overhead = _overhead_us(small)
@@ -225,10 +249,13 @@ def _targets(rows: list[Row], floor: dict[str, list[int]]) -> list[str]:
     lines = [
         f"- Per-call overhead on a small tensor (callback under jit minus torch direct, "
         f"medians): {overhead:.1f} us (target < {OVERHEAD_TARGET_US:g} us): {met}",
-        "- What buffer_callback itself costs, `torch.sin` on 64 B, timed alternating: an "
-        f"empty callback {fmt_us(floor['empty'])} us; a minimal hand-written torch "
-        f"callback (no checks) {fmt_us(floor['minimal'])} us; `bridge.callback` "
-        f"{fmt_us(floor['bridge'])} us (no target)",
+        "- Where the time of a small callback goes, `torch.sin` on 64 B, the five timed "
+        f"alternating: `jax.jit(jnp.sin)` {fmt_us(floor['jit'])} us; an empty "
+        f"buffer_callback {fmt_us(floor['empty'])} us; one that only imports its two buffers "
+        f"through DLPack {fmt_us(floor['dlpack'])} us; a minimal hand-written torch callback "
+        f"(no checks) {fmt_us(floor['minimal'])} us; `bridge.callback` "
+        f"{fmt_us(floor['bridge'])} us. Shares, as differences of medians: {_shares(floor)} "
+        "(no target)",
     ]
     # A copy of the large input would add milliseconds; the overhead must stay
     # within twice the small-tensor overhead, or within the noise of torch's own time.

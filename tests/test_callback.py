@@ -649,6 +649,15 @@ def test_in_place_write_into_an_input_raises():
         jax.jit(callback.wrap(lambda x: x.add_(1)))(jnp.ones(3)).block_until_ready()
 
 
+def test_in_place_write_into_a_later_input_raises_with_several_outputs():
+    def f(x, y):
+        y.mul_(2)
+        return x + 1, x * y
+
+    with pytest.raises(Exception, match="wrote in place into its input 1"):
+        jax.block_until_ready(jax.jit(callback.wrap(f))(jnp.ones(3), jnp.ones(3)))
+
+
 def test_bad_arguments_get_clear_errors():
     jfn = callback.wrap(lambda x, s: x)
     with pytest.raises(TypeError, match="bridge.to_jax"):

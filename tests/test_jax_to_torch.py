@@ -16,6 +16,7 @@ import optax
 import pytest
 import torch
 from flax import linen, nnx
+from numerics import enable_x64
 
 import bridge
 
@@ -185,6 +186,83 @@ def test_backward_reuses_the_forward_residuals():
     assert fn.fwd_vjp._cache_size() == 1  # compiled once for this signature
     assert not any(k[0] == "vjp" for k in fn._derived)  # no recomputing backward built
     assert fn.plain._cache_size() == 0
+
+
+def _scalar_loss(params: dict, x: jax.Array) -> jax.Array:
+    return jnp.mean(mlp(params, x) ** 2)
+
+
+def _f64_params() -> dict:
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), make_params())
+
+
+def test_scalar_loss_backward_takes_the_gradients_the_forward_computed():
+    with enable_x64():
+        params = _f64_params()
+        module = bridge.jax_to_torch(_scalar_loss, params)
+        x = torch.randn(6, 4, dtype=torch.float64)
+        module(x).backward()
+        fn = jitted_fn(module)
+        # One fused program: no residual backward, no recomputing backward built.
+        assert fn.apply_vjp._cache_size() == 0 and not fn._derived
+        expected = jax.grad(_scalar_loss)(params, jnp.asarray(x.numpy()))
+        for name, p in module.named_parameters():
+            layer, leaf = name.split(".")
+            assert p.grad.dtype == torch.float64
+            np.testing.assert_allclose(p.grad.numpy(), expected[layer][leaf], rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.5, 3.0, 0.0])
+def test_scalar_loss_with_another_cotangent_recomputes_exactly(scale):
+    with enable_x64():
+        params = _f64_params()
+        module = bridge.jax_to_torch(_scalar_loss, params)
+        x = torch.randn(6, 4, dtype=torch.float64)
+        (module(x) * scale).backward()  # the cotangent is `scale`, not 1
+        expected = jax.grad(lambda p: scale * _scalar_loss(p, jnp.asarray(x.numpy())))(params)
+        for name, p in module.named_parameters():
+            layer, leaf = name.split(".")
+            np.testing.assert_allclose(p.grad.numpy(), expected[layer][leaf], rtol=1e-12)
+
+
+def test_scalar_loss_gradients_are_handed_out_once():
+    module = bridge.jax_to_torch(_scalar_loss, make_params())
+    x = torch.randn(6, 4)
+    loss = module(x)
+    loss.backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in module.named_parameters()}
+    for p in module.parameters():
+        p.grad.mul_(100.0)  # writes into the buffers the first backward handed out
+    module.zero_grad(set_to_none=True)
+    loss.backward()  # recomputes: the written buffers are not reused
+    for n, p in module.named_parameters():
+        close(p.grad, first[n], RTOL_OP)
+
+
+def test_scalar_loss_detects_an_inplace_change_of_a_saved_input():
+    module = bridge.jax_to_torch(_scalar_loss, make_params())
+    loss = module(torch.randn(6, 4))
+    with torch.no_grad():
+        module.l0.w.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_scalar_loss_with_a_remat_policy_keeps_residuals():
+    policy = jax.checkpoint_policies.dots_saveable
+    module = bridge.jax_to_torch(_scalar_loss, make_params(), remat_policy=policy)
+    module(torch.randn(6, 4)).backward()
+    assert jitted_fn(module).apply_vjp._cache_size() == 1
+
+
+def test_plain_tensor_arguments_take_the_same_cache_key_as_any_other():
+    from bridge.adapters.jax_function import split_args
+
+    t = torch.ones(2)
+    fast = split_args((t, t), {})
+    slow = split_args((torch.nn.Parameter(t), t), {})  # a subclass walks the pytree
+    assert fast[1] == slow[1] and hash(fast[1]) == hash(slow[1])
+    assert all(a is t for a in fast[0])
 
 
 def test_inplace_change_of_a_saved_input_is_detected():

@@ -28,10 +28,14 @@ def expected_outputs(
 
 
 def runner(
-    kernel: Kernel, expected: Sequence[tuple[tuple[int, ...], torch.dtype]]
+    kernel: Kernel, expected: Sequence[tuple[tuple[int, ...], torch.dtype]], *, fresh: bool = False
 ) -> Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]:
     """`tensors -> outputs` for one kernel and signature, with the checks that
     keep JAX's promises: no writes into its buffers, the predicted shapes.
+
+    `fresh`: the caller made every tensor just now (`torch._C._from_dlpack`
+    of XLA's buffers), so each has a version counter of its own at 0, and a
+    write is any version above 0; there is nothing to read before the call.
 
     This is the per-call hot path: plain loops, no context managers, and for
     the common case (fn(*tensors) returning one tensor) no pytree walking.
@@ -55,14 +59,18 @@ def runner(
                 _raise_mismatch(kernel, outs, expected)
 
     def execute(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
-        versions = [t._version for t in tensors]
+        versions = None if fresh else [t._version for t in tensors]
         grad_was_enabled = is_grad_enabled()
         set_grad_enabled(False)
         try:
             out = call(*tensors)
         finally:
             set_grad_enabled(grad_was_enabled)
-        if [t._version for t in tensors] != versions:
+        if versions is None:
+            for t in tensors:
+                if t._version:
+                    _raise_written(kernel, tensors, [0] * len(tensors))
+        elif [t._version for t in tensors] != versions:
             _raise_written(kernel, tensors, versions)
         if single:
             if type(out) is tensor_type and out.shape == shape and out.dtype == dtype:
