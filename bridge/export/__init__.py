@@ -56,27 +56,27 @@ def export(
         module_or_fn: an `nn.Module` (in the mode to export: `.eval()` or `.train()`) or a
             function of torch tensors.
         example_args, example_kwargs: example inputs (torch tensors, or pytrees of them,
-            and static values such as flags). The program has their shapes and dtypes.
+            and static values such as flags). The program has their dtypes, and their
+            shapes except where `dynamic_shapes` makes a dimension symbolic.
         path: the folder to write (created if needed; files in it are overwritten).
         format: "stablehlo" (a serialized jax.export program plus a loader) or "source"
             (readable JAX source).
-        dynamic_shapes: symbolic dimensions are not supported yet (NotImplementedError);
-            the exported program takes the example inputs' shapes and says so when called
-            with others.
+        dynamic_shapes: torch.export's spec of symbolic dimensions, keyed like the
+            arguments of forward (a dict by name, or a tuple over the arguments), e.g.
+            `{"x": {0: Dim("batch")}}` or `{"input_ids": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"}}`; a dim is a `torch.export.Dim` (its
+            min/max kept as the range), `Dim.AUTO`/`Dim.DYNAMIC`, or a name. Those dimensions
+            are symbolic in the program (one model serves every batch size or sequence
+            length): the source reads them from its inputs' shapes, the StableHLO artifact
+            has them as `jax.export` symbols. An op that cannot follow a symbolic size is an
+            error at export that names it. None: every shape is the example's, checked at
+            call time. See bridge/export/dynamic.py and docs/export.md.
 
     Exporting the same model twice writes identical bytes.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if dynamic_shapes is not None:
-        raise NotImplementedError(
-            "export(dynamic_shapes=...) is not supported yet: the bridge captures the module with "
-            "torch.export at concrete shapes and its lowerings read those shapes, so the program "
-            "cannot be traced with symbolic dimensions. Export with example inputs of the shape "
-            "you will call it with (the exported program checks shapes at call time), or map "
-            "over a batch with jax.vmap."
-        )
-    program = flat.build(module_or_fn, example_args, example_kwargs)
+    program = flat.build(module_or_fn, example_args, example_kwargs, dynamic_shapes)
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, bytes] = {
@@ -126,6 +126,7 @@ def _spec_json(program: flat.FlatProgram, format: str, title: str, constants: di
         "rng": program.rng,
         "state_updates": program.state_updates,
         "inputs": program.inputs,
+        "dims": program.dims,
         "outputs": program.outputs,
         "flat_inputs": program.arg_names,
         "constants": [[k, list(v.shape), str(v.dtype)] for k, v in constants.items()],
