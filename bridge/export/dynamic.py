@@ -100,10 +100,7 @@ def _constraints(dims: Any) -> list[str]:
 
 
 def _bound(value: Any, default: int | None) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError):  # torch's int_oo: unbounded
-        return default
+    return value if isinstance(value, int) else default  # torch's int_oo: unbounded
 
 
 def _name(dim: Any) -> str:
