@@ -249,6 +249,20 @@ def _lower(node, lower, ctx, args, kwargs, fallback, checks, dims: Dims) -> Any:
     return out
 
 
+def _size_arithmetic(node: torch.fx.Node, val: Any, dims: Dims) -> Any:
+    """A node computing on sizes (operator.mul, sym_max, a comparison torch checks at run time):
+    torch's recorded expression for it, evaluated over the inputs' dimensions."""
+    try:
+        return dims.value(val)
+    except Exception as e:  # jax's InconclusiveDimensionOperation, or a size from tensor values
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SymbolicShapeError(
+            f"{describe_node(node)} computes {val.node.expr} on symbolic sizes, which cannot be "
+            f"evaluated for every size ({first}); give the Dim a range (min=/max=) in which it "
+            "is decided, or export this dimension static."
+        ) from e
+
+
 def run(
     program: torch.export.ExportedProgram,
     inputs: Sequence[Any],
@@ -291,7 +305,7 @@ def run(
                 effect_token, target, *args = args
                 val = _effect_outputs(target, val)
             if not isinstance(target, torch._ops.OpOverload) and is_symbolic(val):
-                env[node] = dims.value(val)  # size arithmetic (operator.mul, sym_max, ...)
+                env[node] = _size_arithmetic(node, val, dims)
                 continue
             if not isinstance(target, torch._ops.OpOverload):
                 raise UnsupportedOpsError(

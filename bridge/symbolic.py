@@ -37,8 +37,8 @@ _NARY = {
     sympy.And: lambda xs: all(xs),
     sympy.Or: lambda xs: any(xs),
     sympy.Not: lambda xs: not xs[0],
-    sympy.Eq: lambda xs: xs[0] == xs[1],
-    sympy.Ne: lambda xs: xs[0] != xs[1],
+    sympy.Eq: lambda xs: _equal(*xs),
+    sympy.Ne: lambda xs: not _equal(*xs),
     sympy.Lt: lambda xs: xs[0] < xs[1],
     sympy.Le: lambda xs: xs[0] <= xs[1],
     sympy.Gt: lambda xs: xs[0] > xs[1],
@@ -50,6 +50,22 @@ _NARY = {
     torch_sympy.Max: lambda xs: _fold(jax.core.max_dim, xs),
     torch_sympy.Min: lambda xs: _fold(jax.core.min_dim, xs),
 }
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """`a == b` for every value of the symbols, False if for none; else JAX's inconclusive error.
+
+    (JAX's own `==` on dimensions says False when it cannot prove equality, which would turn
+    `Ne(s0, 1)` into True for a size that may be 1.)
+    """
+    diff = a - b
+    if isinstance(diff, int) or a == b:
+        return diff == 0
+    return not (diff >= 1 or diff <= -1 or _undecided(a, b))
+
+
+def _undecided(a: Any, b: Any) -> bool:
+    raise SymbolicShapeError(f"whether {a} == {b} depends on the values of the symbolic dimensions")
 
 
 def _fold(op: Any, xs: list) -> Any:

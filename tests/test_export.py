@@ -193,28 +193,19 @@ def _load(folder, name):
     return model
 
 
-class _TwoInputs(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)
-
-    def forward(self, x, y):
-        return self.a(x) * self.b(y)
-
-
 @pytest.mark.parametrize("format", ["stablehlo", "source"])
 def test_dynamic_export_takes_symbolic_sizes_and_checks_them_at_call_time(tmp_path, format):
     """Two inputs share the symbolic batch; its range and equality are checked with clear errors."""
     torch.manual_seed(0)
-    module = _TwoInputs()
+    module = torch.nn.Bilinear(3, 4, 2)  # aten._trilinear: broadcasting decided on symbolic sizes
     x, y = torch.randn(5, 3), torch.randn(5, 4)
     batch = Dim("batch", max=16)
-    export(module, x, y, path=tmp_path, format=format, dynamic_shapes={"x": {0: batch}, "y": {0: batch}})
+    export(module, x, y, path=tmp_path, format=format, dynamic_shapes={"input1": {0: batch}, "input2": {0: batch}})
     spec = json.loads((tmp_path / "export.json").read_text())
     assert spec["inputs"]["leaves"] == [[["batch", 3], "float32"], [["batch", 4], "float32"]]
     assert spec["outputs"]["leaves"] == [[["batch", 2], "float32"]]
     assert spec["dims"] == {"batch": [0, 16]}
-    model = _load(tmp_path, f"exported_two_inputs_{format}")
+    model = _load(tmp_path, f"exported_bilinear_{format}")
     params, _ = model.load()
     for n in (2, 9, 16):
         a, b = torch.randn(n, 3), torch.randn(n, 4)

@@ -54,7 +54,7 @@ def symbolic_inputs(
             where = f"dimension {axis} of input {leaf_name}"
             if any(dim is a for a in _AUTO):
                 symbol = auto.setdefault(size, f"{leaf_name}_{axis}")
-                new = SymbolicDim(symbol, size)
+                new = SymbolicDim(symbol, size, 0, None)
             else:
                 lo, hi = getattr(dim, "min", None), getattr(dim, "max", None)
                 new = SymbolicDim(_name(dim), size, _bound(lo, 0), _bound(hi, None))
