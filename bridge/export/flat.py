@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import torch
 
+from bridge.capture import CaptureError
+
 _STATIC = (type(None), bool, int, float, str)
 
 
@@ -109,6 +111,9 @@ def build(module_or_fn: Any, args: tuple, kwargs: dict, dynamic_shapes: Any = No
     try:
         jax.eval_shape(make(None), *base, *leaves_sds)
     except Exception as e:
+        if dims and "Constraints violated" in str(e):  # torch.export's refusal of a Dim
+            where = ", ".join(f"L['tensors'][{i}] is input {n}" for i, n in enumerate(in_names))
+            raise CaptureError(f"{e}\nIn torch's message, {where}.") from e
         if not _missing_key(e):
             raise
         rng_impl = str(jax.random.key_impl(jax.random.key(0)))
