@@ -194,9 +194,38 @@ def _effect_outputs(op: torch._ops.OpOverload, val: Any) -> Any:
 
 
 def _lower(node, lower, ctx, args, kwargs, fallback, checks, dims: Dims) -> Any:
-    """Call one lowering; failures carry the node's module path and source line."""
+    """Call one lowering; failures carry the node's module path and source line.
+
+    A lowering that read the example value of a symbolic size (torch records a guard) is
+    refused whether it then failed or not: its program would hold only at that size.
+    """
     before = len(checks) if checks is not None else 0
     guards = dims.guards()
+    try:
+        out = _call(node, lower, ctx, args, kwargs, fallback, dims)
+    except Exception as e:
+        if dims.guards() > guards:
+            raise _example_read(node, dims) from e
+        raise
+    if dims.guards() > guards:
+        raise _example_read(node, dims)
+    if checks is not None and len(checks) > before:
+        where = describe_node(node)
+        for check in checks[before:]:
+            check.where = check.where or where
+    return out
+
+
+def _example_read(node: torch.fx.Node, dims: Dims) -> SymbolicShapeError:
+    return SymbolicShapeError(
+        f"{describe_node(node)} cannot be exported with symbolic dimensions: its lowering "
+        f"reads the example value of a symbolic size (torch recorded the guard "
+        f"{dims.last_guard()}), so the program would be right only at the example's size. "
+        "Export with this dimension static (leave it out of dynamic_shapes)."
+    )
+
+
+def _call(node, lower, ctx, args, kwargs, fallback, dims: Dims) -> Any:
     try:
         out = lower(ctx, *args, **kwargs)
     except (MissingKeyError, LoweringError, UnsupportedOpsError, SymbolicShapeError):
@@ -235,17 +264,6 @@ def _lower(node, lower, ctx, args, kwargs, fallback, checks, dims: Dims) -> Any:
             "Convert with mode='callback' to run this module in torch instead, and please "
             "report the failure."
         ) from e
-    if dims.guards() > guards:
-        raise SymbolicShapeError(
-            f"{describe_node(node)} cannot be exported with symbolic dimensions: its lowering "
-            f"reads the example value of a symbolic size (torch recorded the guard "
-            f"{dims.last_guard()}), so the program would be right only at the example's size. "
-            "Export with this dimension static (leave it out of dynamic_shapes)."
-        )
-    if checks is not None and len(checks) > before:
-        where = describe_node(node)
-        for check in checks[before:]:
-            check.where = check.where or where
     return out
 
 

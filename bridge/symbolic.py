@@ -123,7 +123,12 @@ class Dims:
         return len(self._env.guards) if self._env is not None else 0
 
     def last_guard(self) -> str:
-        return str(self._env.guards[-1].expr) if self._env is not None and self._env.guards else "?"
+        """The newest guard, over the inputs' dimension names (`Eq(batch, 4)`)."""
+        if self._env is None or not self._env.guards:
+            return "?"
+        expr = self._env.guards[-1].expr
+        names = {s: sympy.Symbol(str(self.symbols[s.name])) for s in expr.free_symbols if s.name in self.symbols}
+        return str(expr.xreplace(names))
 
     def size(self, value: Any) -> Any:
         """An int, or the JAX dimension a torch SymInt stands for."""

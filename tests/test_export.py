@@ -238,6 +238,11 @@ class _Upsample(torch.nn.Module):
         return torch.nn.functional.interpolate(x, scale_factor=2, mode="linear")
 
 
+class _Strided(torch.nn.Module):
+    def forward(self, x):
+        return torch.as_strided(x, (2, 2), (1, 2))
+
+
 class _FixedRows(torch.nn.Module):
     def forward(self, x):
         return x.reshape(4, -1)
@@ -251,6 +256,9 @@ def test_dynamic_export_refuses_what_cannot_follow_a_symbolic_size(tmp_path):
     x = torch.randn(2, 3, 8)
     with pytest.raises(SymbolicShapeError, match=r"aten.upsample_linear1d.vec .* cannot be traced with symbolic"):
         export(_Upsample(), x, path=tmp_path, dynamic_shapes={"x": {2: Dim("n")}})
+    with pytest.raises(SymbolicShapeError, match=r"aten.as_strided.default .* reads the example value of a "
+                                                 r"symbolic size \(torch recorded the guard Eq\(n, 8\)\)"):
+        export(_Strided(), x, path=tmp_path, dynamic_shapes={"x": {2: Dim("n")}})
     with pytest.raises(bridge.CaptureError, match=r"Constraints violated \(n\)(.|\n)*L\['tensors'\]\[0\] is input arg0"):
         export(_FixedRows(), x, path=tmp_path, dynamic_shapes={"x": {2: Dim("n")}})
 
