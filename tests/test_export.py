@@ -54,7 +54,7 @@ def _write_dynamic_cases(root, gpt2):
         for name, other in DYNAMIC_LAYERS.items():
             module, x = _layer(name)
             first = root / f"{prefix}{name}"
-            write_case(first, module, (x,), x64=True, grad_rtol=1e-9, format=format,
+            write_case(first, module, (x,), x64=True, grad_rtol=1e-9, vmap=True, format=format,
                        dynamic_shapes=({0: Dim("batch")},))
             torch.manual_seed(1)
             write_case(root / f"{prefix}{name}-b{other[0]}", module, (torch.randn(*other),), x64=True,
@@ -123,8 +123,10 @@ EXPECTED |= {"gpt2": {"forward", "grad"}, "resnet": {"forward", "grad"},
              "batchnorm-train": {"forward", "grad", "new_state"}, "dropout": {"forward", "rng", "vmap"}}
 EXPECTED |= {f"source-{k}": v for k, v in EXPECTED.items()
              if k.rsplit("-", 1)[0] in SOURCE_LAYERS or k in ("gpt2", "batchnorm-train", "dropout")}
-EXPECTED |= {f"{prefix}{case}": {"forward", "grad"} for prefix in DYNAMIC_FORMATS.values()
-             for name, other in DYNAMIC_LAYERS.items() for case in (name, f"{name}-b{other[0]}")}
+EXPECTED |= {f"{prefix}{name}": {"forward", "grad", "vmap"} for prefix in DYNAMIC_FORMATS.values()
+             for name in DYNAMIC_LAYERS}
+EXPECTED |= {f"{prefix}{name}-b{other[0]}": {"forward", "grad"} for prefix in DYNAMIC_FORMATS.values()
+             for name, other in DYNAMIC_LAYERS.items()}
 EXPECTED |= {f"{prefix}{case}": {"forward", "grad"} for prefix in DYNAMIC_FORMATS.values()
              for case in ("gpt2", "gpt2-3x5")}
 GPT2_INPUTS: dict = {}

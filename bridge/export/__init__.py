@@ -1,13 +1,15 @@
 """bridge.export: a torch model written out so that it runs without torch.
 
     bridge.export(module, *example_args, path="port/", format="stablehlo", **example_kwargs)
+    bridge.export(module, x, path="port/", dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
 
 writes a folder:
 
     params.safetensors   parameters, keyed like module.named_parameters()
     state.safetensors    buffers, keyed like module.named_buffers()
-    export.json          format, input/output structure, shapes and dtypes, rng, state updates,
-                         the jax version that wrote it and the compatibility note
+    export.json          format, input/output structure, shapes and dtypes (a symbolic dimension
+                         by name; `dims`: their ranges), rng, state updates, the jax version
+                         that wrote it and the compatibility note
     model.py             load(folder) -> (params, state); apply(params, *args, rng=None, **kwargs);
                          apply_with_state(params, state, *args, rng=None, **kwargs) -> (out, new_state);
                          imports only jax, numpy, safetensors and the standard library
@@ -15,7 +17,8 @@ writes a folder:
 
 The program comes from the one translator: the module is converted with
 `torch_to_jax_with_state` (a function with `torch_to_jax`), with `strict=True`
-and `checks=False`, and traced once at the example inputs. See docs/export.md.
+and `checks=False`, and traced once at the example inputs (with symbolic dimensions
+where `dynamic_shapes` asks for them). See docs/export.md.
 """
 
 from __future__ import annotations
