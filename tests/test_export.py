@@ -223,6 +223,22 @@ def test_dynamic_export_takes_symbolic_sizes_and_checks_them_at_call_time(tmp_pa
         model.apply(params, bridge.to_jax(torch.randn(5, 2)), bridge.to_jax(torch.randn(5, 4)))
 
 
+class _SizeArithmetic(torch.nn.Module):
+    def forward(self, x):
+        return x / x.numel() + x.stride(0) + x.shape[0]  # sym_numel, sym_stride, sym_size as values
+
+
+@pytest.mark.parametrize("format", ["stablehlo", "source"])
+def test_dynamic_export_computes_with_the_sizes_of_its_inputs(tmp_path, format):
+    export(_SizeArithmetic(), torch.randn(4, 3), path=tmp_path, format=format, dynamic_shapes={"x": {0: Dim("b")}})
+    model = _load(tmp_path, f"exported_sizes_{format}")
+    params, _ = model.load()
+    for n in (2, 7):
+        x = torch.randn(n, 3)
+        got = torch.from_numpy(np.array(model.apply(params, bridge.to_jax(x))))
+        torch.testing.assert_close(got, _SizeArithmetic()(x), rtol=1e-6, atol=0)
+
+
 def test_dynamic_shapes_specs_that_cannot_work_are_refused(tmp_path):
     module, x = _layer("mlp")
     with pytest.raises(ValueError, match=r"dynamic_shapes names \['x'\], which are not arguments .* \['input'\]"):

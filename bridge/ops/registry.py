@@ -10,6 +10,8 @@ and every other value (ints, floats, bools, dtypes, devices) left as it is.
                 (type promotion included), canonicalised for x64 mode
     ctx.shape   the output shape (JAX symbolic dimensions where torch's is symbolic)
     ctx.out     the raw `node.meta["val"]` (FakeTensor, tuple, SymInt, ...)
+    ctx.size(s) a size from torch's metadata (int or SymInt) as an int or JAX dimension;
+                never `int(s)` on a SymInt: that reads the example's size
     ctx.key()   a fresh PRNG key for this node (random ops only)
     ctx.require(ok, error, message)
                 a condition torch checks at run time (an index in range, a
@@ -98,6 +100,11 @@ class LoweringContext:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self._size(s) for s in self.out.shape)
+
+    def size(self, value: Any) -> Any:
+        """A size torch recorded (an int or a SymInt) as an int, or as the JAX dimension a
+        symbolic one stands for (an export with dynamic shapes)."""
+        return self._size(value)
 
     def dtype_of(self, i: int) -> np.dtype:
         """The dtype of output `i` of a multi-output op."""
