@@ -239,6 +239,24 @@ def test_dynamic_export_computes_with_the_sizes_of_its_inputs(tmp_path, format):
         torch.testing.assert_close(got, _SizeArithmetic()(x), rtol=1e-6, atol=0)
 
 
+def _cat_softmax(a, b):
+    return torch.cat([a, b], dim=0).softmax(-1)
+
+
+@pytest.mark.parametrize("format", ["stablehlo", "source"])
+def test_dynamic_export_of_a_function_with_two_symbols(tmp_path, format):
+    """A size that is an expression (m + n after the cat) reaches softmax's custom_jvp helper, which
+    the source reads from its argument's shape."""
+    export(_cat_softmax, torch.randn(3, 4), torch.randn(5, 4), path=tmp_path, format=format,
+           dynamic_shapes={"a": {0: "n"}, "b": {0: "m"}})
+    model = _load(tmp_path, f"exported_cat_softmax_{format}")
+    params, _ = model.load()
+    for n, m in ((2, 9), (6, 1)):
+        a, b = torch.randn(n, 4), torch.randn(m, 4)
+        got = torch.from_numpy(np.array(model.apply(params, bridge.to_jax(a), bridge.to_jax(b))))
+        torch.testing.assert_close(got, _cat_softmax(a, b), rtol=1e-6, atol=1e-7)
+
+
 def test_dynamic_shapes_specs_that_cannot_work_are_refused(tmp_path):
     module, x = _layer("mlp")
     with pytest.raises(ValueError, match=r"dynamic_shapes names \['x'\], which are not arguments .* \['input'\]"):
