@@ -64,7 +64,8 @@ def _write_dynamic_cases(root, gpt2):
         mask[1, -2:] = 0
         first = root / f"{prefix}gpt2"
         bs = {0: Dim("batch"), 1: Dim("seq", max=64)}  # the config's max_position_embeddings
-        write_case(first, gpt2, kwargs={**GPT2_INPUTS, "use_cache": False}, grad_rtol=1e-3, format=format,
+        # gradients at the other size only (the static "gpt2" case checks them at this one)
+        write_case(first, gpt2, kwargs={**GPT2_INPUTS, "use_cache": False}, grad_rtol=None, format=format,
                    dynamic_shapes={"input_ids": bs, "attention_mask": bs})
         write_case(root / f"{prefix}gpt2-3x5", gpt2, kwargs={"input_ids": ids, "attention_mask": mask,
                    "use_cache": False}, grad_rtol=1e-3, exported=first)
@@ -127,8 +128,8 @@ EXPECTED |= {f"{prefix}{name}": {"forward", "grad", "vmap"} for prefix in DYNAMI
              for name in DYNAMIC_LAYERS}
 EXPECTED |= {f"{prefix}{name}-b{other[0]}": {"forward", "grad"} for prefix in DYNAMIC_FORMATS.values()
              for name, other in DYNAMIC_LAYERS.items()}
-EXPECTED |= {f"{prefix}{case}": {"forward", "grad"} for prefix in DYNAMIC_FORMATS.values()
-             for case in ("gpt2", "gpt2-3x5")}
+EXPECTED |= {f"{prefix}gpt2": {"forward"} for prefix in DYNAMIC_FORMATS.values()}
+EXPECTED |= {f"{prefix}gpt2-3x5": {"forward", "grad"} for prefix in DYNAMIC_FORMATS.values()}
 GPT2_INPUTS: dict = {}
 
 
