@@ -221,6 +221,10 @@ class _Converted:
         # The torch.export capture behind each graph (trace mode), for introspection
         # and for bridge.export's source comments.
         self.captures: dict[capture_lib.Signature, capture_lib.Captured] = {}
+        # Example size and range of each JAX symbolic dimension `apply` may be traced with
+        # (jax.export.symbolic_shape): what torch.export needs to capture it symbolic.
+        # bridge.export(dynamic_shapes=...) fills it in.
+        self.dims: dict[str, capture_lib.SymbolicDim] = {}
         self._build_lock = threading.Lock()
 
     # -- values shared with the module
@@ -286,7 +290,7 @@ class _Converted:
         # torch.export cannot capture a forward (see bridge/fallback.py).
         fall_back = not self.strict and not isinstance(self.module, _FunctionModule)
         try:
-            captured = capture_lib.capture(self.module, _call_module, sig, fall_back=fall_back)
+            captured = capture_lib.capture(self.module, _call_module, sig, fall_back=fall_back, dims=self.dims)
         except capture_lib.RootFallback as e:
             _warn_fallback(f"  - '<root>' ({type(self.module).__name__}): {e.source or 'its forward'}")
             return self._build_callback(sig, updated=e.updated)

@@ -24,7 +24,7 @@ import logging
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -72,10 +72,25 @@ class RootFallback(CaptureError):
 
 @dataclasses.dataclass(frozen=True)
 class Leaf:
-    """Shape and dtype of one array argument (its aval)."""
+    """Shape and dtype of one array argument (its aval).
 
-    shape: tuple[int, ...]
+    A dimension is an int, or a JAX symbolic dimension (`jax.export.symbolic_shape`)
+    when the caller traces with symbolic shapes; see `SymbolicDim`.
+    """
+
+    shape: tuple[Any, ...]
     dtype: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SymbolicDim:
+    """How to capture a JAX symbolic dimension: torch.export's `Dim(name, min=, max=)`,
+    traced at the size `example` (a torch example input needs a concrete size)."""
+
+    name: str
+    example: int
+    min: int | None = None
+    max: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +137,9 @@ class _Wrapper(torch.nn.Module):
 _WIDER = {torch.int32: torch.int64, torch.uint32: torch.uint64}
 
 
-def example_tensor(leaf: Leaf, device: torch.device | None, widen: bool) -> torch.Tensor:
+def example_tensor(
+    leaf: Leaf, device: torch.device | None, widen: bool, dims: Mapping[str, SymbolicDim] | None = None
+) -> torch.Tensor:
     """A zero tensor standing for the array `leaf` describes.
 
     With x64 off, JAX holds torch's int64 as int32, so a JAX int32 array may
@@ -134,7 +151,41 @@ def example_tensor(leaf: Leaf, device: torch.device | None, widen: bool) -> torc
     dtype = dtypes.to_torch_dtype(leaf.dtype)
     if widen:
         dtype = _WIDER.get(dtype, dtype)
-    return torch.zeros(leaf.shape, dtype=dtype, device=device)
+    shape = [d if isinstance(d, int) else _symbolic(d, dims).example for d in leaf.shape]
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _symbolic(d: Any, dims: Mapping[str, SymbolicDim] | None) -> SymbolicDim:
+    """The `SymbolicDim` of a JAX symbolic dimension that is one variable."""
+    name = str(d)
+    if dims is None or name not in dims:
+        raise CaptureError(
+            f"the symbolic dimension {name!r} cannot be captured: torch.export needs an example "
+            "size and range for each symbolic dimension, and only single dimension variables "
+            "(not expressions such as 2*b) with one are supported. bridge.export(..., "
+            "dynamic_shapes=...) provides them."
+        )
+    return dims[name]
+
+
+def _dynamic_shapes(leaves: list[Leaf], dims: Mapping[str, SymbolicDim] | None) -> tuple | None:
+    """torch.export's `dynamic_shapes` for the wrapper's flat tensors: one `Dim` per symbol."""
+    if all(isinstance(d, int) for leaf in leaves for d in leaf.shape):
+        return None
+    made: dict[str, Any] = {}
+
+    def dim(d: Any) -> Any:
+        sym = _symbolic(d, dims)
+        if sym.name not in made:
+            bounds = {k: v for k, v in (("min", sym.min), ("max", sym.max)) if v is not None}
+            made[sym.name] = torch.export.Dim(sym.name, **bounds)
+        return made[sym.name]
+
+    per_leaf = tuple(
+        {axis: dim(d) for axis, d in enumerate(leaf.shape) if not isinstance(d, int)} or None
+        for leaf in leaves
+    )
+    return (per_leaf,)  # the wrapper's forward takes the tensors as *args
 
 
 def _example_choices(leaves: list[Leaf], x64: bool) -> list[list[bool]]:
@@ -155,7 +206,13 @@ def _example_choices(leaves: list[Leaf], x64: bool) -> list[list[bool]]:
     return choices
 
 
-def capture(module: torch.nn.Module, call: Callable, sig: Signature, fall_back: bool = False) -> Captured:
+def capture(
+    module: torch.nn.Module,
+    call: Callable,
+    sig: Signature,
+    fall_back: bool = False,
+    dims: Mapping[str, SymbolicDim] | None = None,
+) -> Captured:
     """Export `call(module, *args, **kwargs)` for the signature `sig`.
 
     Array leaves become graph inputs; static leaves are baked into the graph
@@ -164,15 +221,20 @@ def capture(module: torch.nn.Module, call: Callable, sig: Signature, fall_back: 
     it was, even when torch.export fails. With `fall_back`, submodules whose
     forward torch.export cannot capture become opaque calls (`Captured.opaque`);
     `RootFallback` if the module's own forward cannot be captured.
+
+    Leaves whose shapes hold JAX symbolic dimensions are captured with those
+    dimensions symbolic (torch.export's `dynamic_shapes`), each traced at the
+    example size and within the range `dims` gives for it; the graph then
+    carries SymInts, which the interpreter reads from its inputs' shapes.
     """
     if not fall_back:
         with _CAPTURE_LOCK, _module_preserved(module):
-            return _capture(module, call, sig)
+            return _capture(module, call, sig, dims)
     with _CAPTURE_LOCK, _module_preserved(module), _no_graph_dumps():
         try:
-            return _capture(module, call, sig)
+            return _capture(module, call, sig, dims)
         except CaptureError as e:
-            return _capture_around(module, call, sig, e)
+            return _capture_around(module, call, sig, e, dims)
 
 
 class _NoGraphDumps:
@@ -211,11 +273,13 @@ def _no_graph_dumps():
         sys.stderr = stream
 
 
-def _capture_around(module: torch.nn.Module, call: Callable, sig: Signature, error: CaptureError) -> Captured:
+def _capture_around(
+    module: torch.nn.Module, call: Callable, sig: Signature, error: CaptureError, dims: Mapping | None
+) -> Captured:
     """Capture with the innermost submodules that stop torch.export made opaque."""
     wrapper, leaves, device = _wrapped(module, call, sig)
     choice = _example_choices(leaves, sig.x64)[0]
-    examples = [example_tensor(leaf, device, w) for leaf, w in zip(leaves, choice, strict=True)]
+    examples = [example_tensor(leaf, device, w, dims) for leaf, w in zip(leaves, choice, strict=True)]
     try:
         recording = fallback_lib.record(module, lambda: wrapper(*examples))
     except Exception as e:
@@ -235,7 +299,7 @@ def _capture_around(module: torch.nn.Module, call: Callable, sig: Signature, err
         opaque[path] = fallback_lib.Opaque(path, module.get_submodule(path), reason, recording)
         try:
             with fallback_lib.opaque_forwards(opaque.values()):
-                captured = _capture(module, call, sig)
+                captured = _capture(module, call, sig, dims)
         except CaptureError as e:
             error = e
             continue
@@ -261,13 +325,13 @@ def _wrapped(module: torch.nn.Module, call: Callable, sig: Signature) -> tuple[_
     return _Wrapper(module, call, rebuild), leaves, device
 
 
-def _capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured:
+def _capture(module: torch.nn.Module, call: Callable, sig: Signature, dims: Mapping | None) -> Captured:
     register_model_pytrees(module)
     wrapper, leaves, device = _wrapped(module, call, sig)
     with warnings.catch_warnings():
         # torch.export's own pytree deprecation noise; nothing a user can act on.
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
-        program = _export(wrapper, leaves, device, sig.x64)
+        program = _export(wrapper, leaves, device, sig.x64, dims)
         program = program.run_decompositions({})  # functionalise; keep high-level ops
         program = _decompose_unlowered(program)
     return _describe(program)
@@ -337,9 +401,10 @@ def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError |
     return error
 
 
-def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool) -> ExportedProgram:
+def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool, dims: Mapping | None) -> ExportedProgram:
     """torch.export the wrapper, with 32-bit integer inputs widened where torch accepts it."""
     choices = _example_choices(leaves, x64)
+    dynamic_shapes = _dynamic_shapes(leaves, dims)
     first_error = None
     # A rejected choice makes FakeTensor log the failing meta function's
     # traceback; the first error is raised below if no choice works.
@@ -352,9 +417,9 @@ def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool) -> 
     shapes_log.setLevel(logging.ERROR)
     try:
         for widen in choices:
-            examples = tuple(example_tensor(leaf, device, w) for leaf, w in zip(leaves, widen, strict=True))
+            examples = tuple(example_tensor(leaf, device, w, dims) for leaf, w in zip(leaves, widen, strict=True))
             try:
-                return torch.export.export(wrapper, examples, strict=False)
+                return torch.export.export(wrapper, examples, dynamic_shapes=dynamic_shapes, strict=False)
             except Exception as e:  # torch's own checks reject a dtype: try the next choice
                 first_error = first_error or e
     finally:

@@ -41,6 +41,7 @@ from bridge.ops.registry import (
     MissingKeyError,
     RefusedByTorchError,
 )
+from bridge.symbolic import Dims, SymbolicShapeError, is_symbolic, same_size
 
 _with_effects = torch.ops.higher_order.with_effects
 
@@ -152,13 +153,20 @@ def callback_fallback(node: torch.fx.Node) -> Callable:
     return lower
 
 
-def _check(node: torch.fx.Node, value: Any, expected: Any) -> None:
+def _check(node: torch.fx.Node, value: Any, expected: Any, dims: Dims) -> None:
     if isinstance(expected, torch.Tensor):
-        shape = tuple(int(s) for s in expected.shape)
+        shape = tuple(dims.size(s) for s in expected.shape)
         dtype = dtypes.canonical_jax_dtype(expected.dtype)
         got_shape = tuple(np.shape(value))
         got_dtype = np.dtype(getattr(value, "dtype", type(value)))
-        if got_shape != shape or got_dtype != dtype:
+        same = len(got_shape) == len(shape) and all(map(same_size, got_shape, shape))
+        if not same and dims.active:
+            raise SymbolicShapeError(
+                f"{describe_node(node)} gives shape {list(got_shape)} in JAX where torch computes "
+                f"{list(shape)}, and the two cannot be proven equal for every value of the "
+                "symbolic dimensions. Export with these dimensions static, or narrow their range."
+            )
+        if not same or got_dtype != dtype:
             raise LoweringError(
                 f"the lowering of {node.target} returned {got_dtype}{list(got_shape)}, "
                 f"but torch computes {dtype}{list(shape)} for node '{node.name}'. "
@@ -167,7 +175,7 @@ def _check(node: torch.fx.Node, value: Any, expected: Any) -> None:
     elif isinstance(expected, (tuple, list)) and isinstance(value, (tuple, list)):
         for v, e in zip(value, expected, strict=False):
             if e is not None and v is not None:
-                _check(node, v, e)
+                _check(node, v, e, dims)
 
 
 def _token(node: torch.fx.Node) -> jax.Array:
@@ -185,12 +193,42 @@ def _effect_outputs(op: torch._ops.OpOverload, val: Any) -> Any:
     return tuple(val[1:]) if returns > 1 else val[1]
 
 
-def _lower(node, lower, ctx, args, kwargs, fallback, checks) -> Any:
-    """Call one lowering; failures carry the node's module path and source line."""
+def _lower(node, lower, ctx, args, kwargs, fallback, checks, dims: Dims) -> Any:
+    """Call one lowering; failures carry the node's module path and source line.
+
+    A lowering that read the example value of a symbolic size (torch records a guard) is
+    refused whether it then failed or not: its program would hold only at that size.
+    """
     before = len(checks) if checks is not None else 0
+    guards = dims.guards()
+    try:
+        out = _call(node, lower, ctx, args, kwargs, fallback, dims)
+    except Exception as e:
+        if dims.guards() > guards:
+            raise _example_read(node, dims) from e
+        raise
+    if dims.guards() > guards:
+        raise _example_read(node, dims)
+    if checks is not None and len(checks) > before:
+        where = describe_node(node)
+        for check in checks[before:]:
+            check.where = check.where or where
+    return out
+
+
+def _example_read(node: torch.fx.Node, dims: Dims) -> SymbolicShapeError:
+    return SymbolicShapeError(
+        f"{describe_node(node)} cannot be exported with symbolic dimensions: its lowering "
+        f"reads the example value of a symbolic size (torch recorded the guard "
+        f"{dims.last_guard()}), so the program would be right only at the example's size. "
+        "Export with this dimension static (leave it out of dynamic_shapes)."
+    )
+
+
+def _call(node, lower, ctx, args, kwargs, fallback, dims: Dims) -> Any:
     try:
         out = lower(ctx, *args, **kwargs)
-    except (MissingKeyError, LoweringError, UnsupportedOpsError):
+    except (MissingKeyError, LoweringError, UnsupportedOpsError, SymbolicShapeError):
         raise
     except (DataDependentShapeError, RefusedByTorchError) as e:
         # The user's inputs or code: same error type, with where it happened.
@@ -215,16 +253,32 @@ def _lower(node, lower, ctx, args, kwargs, fallback, checks) -> Any:
             stacklevel=2,
         )
     except Exception as e:
+        if dims.active:  # most likely JAX's refusal of a shape it cannot follow symbolically
+            raise SymbolicShapeError(
+                f"{describe_node(node)} cannot be traced with symbolic dimensions: "
+                f"{type(e).__name__}: {e}. Export with these dimensions static (leave them out "
+                "of dynamic_shapes)."
+            ) from e
         raise TranslationError(
             f"translating {describe_node(node)} failed: {type(e).__name__}: {e}\n"
             "Convert with mode='callback' to run this module in torch instead, and please "
             "report the failure."
         ) from e
-    if checks is not None and len(checks) > before:
-        where = describe_node(node)
-        for check in checks[before:]:
-            check.where = check.where or where
     return out
+
+
+def _size_arithmetic(node: torch.fx.Node, val: Any, dims: Dims) -> Any:
+    """A node computing on sizes (operator.mul, sym_max, a comparison torch checks at run time):
+    torch's recorded expression for it, evaluated over the inputs' dimensions."""
+    try:
+        return dims.value(val)
+    except Exception as e:  # jax's InconclusiveDimensionOperation, or a size from tensor values
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SymbolicShapeError(
+            f"{describe_node(node)} computes {val.node.expr} on symbolic sizes, which cannot be "
+            f"evaluated for every size ({first}); give the Dim a range (min=/max=) in which it "
+            "is decided, or export this dimension static."
+        ) from e
 
 
 def run(
@@ -251,9 +305,11 @@ def run(
     token_outputs = [s.kind == OutputKind.TOKEN for s in signature.output_specs]
     env: dict[torch.fx.Node, Any] = {}
     placeholders = iter(inputs)
+    dims = Dims()  # torch's size symbols -> the inputs' (possibly symbolic) JAX dimensions
     for index, node in enumerate(graph_module.graph.nodes):
         if node.op == "placeholder":
             env[node] = _token(node) if node.name in token_inputs else next(placeholders)
+            dims.bind(node.meta.get("val"), env[node], f"input {node.name}")
         elif node.op == "call_function":
             args = map_arg(node.args, env.__getitem__)
             kwargs = map_arg(node.kwargs, env.__getitem__)
@@ -266,6 +322,9 @@ def run(
             if target is _with_effects:
                 effect_token, target, *args = args
                 val = _effect_outputs(target, val)
+            if not isinstance(target, torch._ops.OpOverload) and is_symbolic(val):
+                env[node] = _size_arithmetic(node, val, dims)
+                continue
             if not isinstance(target, torch._ops.OpOverload):
                 raise UnsupportedOpsError(
                     f"graph node {describe_node(node)} is not an ATen op ({type(target).__name__}); "
@@ -276,10 +335,10 @@ def run(
                 if fallback is None:
                     raise unsupported_error([node])
                 lower = fallback(node)
-            ctx = LoweringContext(node, val, rng, index, checks)
+            ctx = LoweringContext(node, val, rng, index, checks, dims.size)
             with jax.named_scope(node_scope(node)):
-                out = _lower(node, lower, ctx, args, kwargs, fallback, checks)
-            _check(node, out, val)
+                out = _lower(node, lower, ctx, args, kwargs, fallback, checks, dims)
+            _check(node, out, val, dims)
             if node.target is _with_effects:
                 out = (effect_token, *out) if isinstance(out, (tuple, list)) else (effect_token, out)
             env[node] = out

@@ -19,6 +19,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("safetensors")
@@ -26,6 +27,7 @@ pytest.importorskip("flatbuffers")  # jax.export serialization
 import torch  # noqa: E402
 from numerics import assert_away_from_kinks  # noqa: E402
 from test_nn_layers import CASES  # noqa: E402
+from torch.export import Dim  # noqa: E402
 
 import bridge  # noqa: E402
 from bridge.export import export  # noqa: E402
@@ -40,6 +42,33 @@ LAYERS = ["mlp", "conv2d-groups-dilation", "conv-transpose1d", "batchnorm-eval",
 
 
 SOURCE_LAYERS = ["mlp", "lstm", "embedding", "sdpa-float-mask"]  # the mask: a constant table
+
+# dynamic_shapes: exported once with a symbolic batch, checked at the example's batch and at
+# another one (the input shape given here), in both formats; GPT-2 with symbolic batch and length
+DYNAMIC_LAYERS = {"mlp": (7, 6), "conv2d-groups-dilation": (3, 4, 9, 9)}
+DYNAMIC_FORMATS = {"stablehlo": "dyn-", "source": "source-dyn-"}
+
+
+def _write_dynamic_cases(root, gpt2):
+    for format, prefix in DYNAMIC_FORMATS.items():
+        for name, other in DYNAMIC_LAYERS.items():
+            module, x = _layer(name)
+            first = root / f"{prefix}{name}"
+            write_case(first, module, (x,), x64=True, grad_rtol=1e-9, vmap=True, format=format,
+                       dynamic_shapes=({0: Dim("batch")},))
+            torch.manual_seed(1)
+            write_case(root / f"{prefix}{name}-b{other[0]}", module, (torch.randn(*other),), x64=True,
+                       grad_rtol=1e-9, exported=first)
+        g = torch.Generator().manual_seed(3)
+        ids, mask = torch.randint(3, 90, (3, 5), generator=g), torch.ones(3, 5, dtype=torch.long)
+        mask[1, -2:] = 0
+        first = root / f"{prefix}gpt2"
+        bs = {0: Dim("batch"), 1: Dim("seq", max=64)}  # the config's max_position_embeddings
+        # gradients at the other size only (the static "gpt2" case checks them at this one)
+        write_case(first, gpt2, kwargs={**GPT2_INPUTS, "use_cache": False}, grad_rtol=None, format=format,
+                   dynamic_shapes={"input_ids": bs, "attention_mask": bs})
+        write_case(root / f"{prefix}gpt2-3x5", gpt2, kwargs={"input_ids": ids, "attention_mask": mask,
+                   "use_cache": False}, grad_rtol=1e-3, exported=first)
 
 
 def _layer(name):
@@ -60,6 +89,7 @@ def checked(tmp_path_factory):
         write_case(root / f"{name}-f32", module, (x,), grad_rtol=None, vmap=True)
         write_case(root / f"{name}-f64", module, (x,), x64=True, grad_rtol=1e-9)
     gpt2, inputs = models.build("gpt2")
+    GPT2_INPUTS.update(inputs)
     write_case(root / "gpt2", gpt2, kwargs={**inputs, "use_cache": False}, grad_rtol=1e-3)
     resnet, inputs = models.build("resnet")
     write_case(root / "resnet", resnet, kwargs=inputs, grad_rtol=1e-3, kink_check=assert_away_from_kinks)
@@ -78,6 +108,7 @@ def checked(tmp_path_factory):
     write_case(root / "source-batchnorm-train", bn, (torch.randn(5, 3, 7),), x64=True, grad_rtol=1e-9,
                format="source")
     write_case(root / "source-dropout", drop, (torch.randn(4, 6),), rng=True, vmap=True, format="source")
+    _write_dynamic_cases(root, gpt2)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "check_exports.py"), str(root), "--block-torch"],
         capture_output=True, text=True, timeout=600,
@@ -93,6 +124,13 @@ EXPECTED |= {"gpt2": {"forward", "grad"}, "resnet": {"forward", "grad"},
              "batchnorm-train": {"forward", "grad", "new_state"}, "dropout": {"forward", "rng", "vmap"}}
 EXPECTED |= {f"source-{k}": v for k, v in EXPECTED.items()
              if k.rsplit("-", 1)[0] in SOURCE_LAYERS or k in ("gpt2", "batchnorm-train", "dropout")}
+EXPECTED |= {f"{prefix}{name}": {"forward", "grad", "vmap"} for prefix in DYNAMIC_FORMATS.values()
+             for name in DYNAMIC_LAYERS}
+EXPECTED |= {f"{prefix}{name}-b{other[0]}": {"forward", "grad"} for prefix in DYNAMIC_FORMATS.values()
+             for name, other in DYNAMIC_LAYERS.items()}
+EXPECTED |= {f"{prefix}gpt2": {"forward"} for prefix in DYNAMIC_FORMATS.values()}
+EXPECTED |= {f"{prefix}gpt2-3x5": {"forward", "grad"} for prefix in DYNAMIC_FORMATS.values()}
+GPT2_INPUTS: dict = {}
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
@@ -145,12 +183,121 @@ def test_exported_program_names_a_wrong_shape(tmp_path, monkeypatch):
         model.apply({k: v for k, v in params.items() if k != "0.bias"}, bridge.to_jax(x))
 
 
-def test_dynamic_shapes_and_unknown_formats_are_refused(tmp_path):
+def test_unknown_formats_are_refused(tmp_path):
     module, x = _layer("mlp")
-    with pytest.raises(NotImplementedError, match="dynamic_shapes"):
-        export(module, x, path=tmp_path, format="stablehlo", dynamic_shapes={"x": {0: "batch"}})
     with pytest.raises(ValueError, match="format must be one of"):
         export(module, x, path=tmp_path, format="onnx")
+
+
+def _load(folder, name):
+    spec = importlib.util.spec_from_file_location(name, folder / "model.py")
+    model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model)
+    return model
+
+
+@pytest.mark.parametrize("format", ["stablehlo", "source"])
+def test_dynamic_export_takes_symbolic_sizes_and_checks_them_at_call_time(tmp_path, format):
+    """Two inputs share the symbolic batch; its range and equality are checked with clear errors."""
+    torch.manual_seed(0)
+    module = torch.nn.Bilinear(3, 4, 2)  # aten._trilinear: broadcasting decided on symbolic sizes
+    x, y = torch.randn(5, 3), torch.randn(5, 4)
+    batch = Dim("batch", max=16)
+    export(module, x, y, path=tmp_path, format=format, dynamic_shapes={"input1": {0: batch}, "input2": {0: batch}})
+    spec = json.loads((tmp_path / "export.json").read_text())
+    assert spec["inputs"]["leaves"] == [[["batch", 3], "float32"], [["batch", 4], "float32"]]
+    assert spec["outputs"]["leaves"] == [[["batch", 2], "float32"]]
+    assert spec["dims"] == {"batch": [0, 16]}
+    model = _load(tmp_path, f"exported_bilinear_{format}")
+    params, _ = model.load()
+    for n in (1, 2, 9, 16):
+        a, b = torch.randn(n, 3), torch.randn(n, 4)
+        got = model.apply(params, bridge.to_jax(a), bridge.to_jax(b))
+        torch.testing.assert_close(torch.from_numpy(np.array(got)), module(a, b).detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"input arg1 has size 6 in dimension 0, the symbolic dimension 'batch', "
+                                         r"which another input gives size 5"):
+        model.apply(params, bridge.to_jax(torch.randn(5, 3)), bridge.to_jax(torch.randn(6, 4)))
+    with pytest.raises(ValueError, match=r"size 17 in dimension 0, the symbolic dimension 'batch', which was "
+                                         r"exported for sizes in \[1, 16\]"):
+        model.apply(params, bridge.to_jax(torch.randn(17, 3)), bridge.to_jax(torch.randn(17, 4)))
+    with pytest.raises(ValueError, match=r"input arg0 has shape \(5, 2\), but this model was exported for \(batch, 3\)"):
+        model.apply(params, bridge.to_jax(torch.randn(5, 2)), bridge.to_jax(torch.randn(5, 4)))
+
+
+class _SizeArithmetic(torch.nn.Module):
+    def forward(self, x):
+        return x / x.numel() + x.stride(0) + x.shape[0]  # sym_numel, sym_stride, sym_size as values
+
+
+@pytest.mark.parametrize("format", ["stablehlo", "source"])
+def test_dynamic_export_computes_with_the_sizes_of_its_inputs(tmp_path, format):
+    export(_SizeArithmetic(), torch.randn(4, 3), path=tmp_path, format=format, dynamic_shapes={"x": {0: Dim("b")}})
+    model = _load(tmp_path, f"exported_sizes_{format}")
+    params, _ = model.load()
+    for n in (2, 7):
+        x = torch.randn(n, 3)
+        got = torch.from_numpy(np.array(model.apply(params, bridge.to_jax(x))))
+        torch.testing.assert_close(got, _SizeArithmetic()(x), rtol=1e-6, atol=0)
+
+
+def _cat_softmax(a, b):
+    return torch.cat([a, b], dim=0).softmax(-1)
+
+
+@pytest.mark.parametrize("format", ["stablehlo", "source"])
+def test_dynamic_export_of_a_function_with_two_symbols(tmp_path, format):
+    """A size that is an expression (m + n after the cat) reaches softmax's custom_jvp helper, which
+    the source reads from its argument's shape."""
+    export(_cat_softmax, torch.randn(3, 4), torch.randn(5, 4), path=tmp_path, format=format,
+           dynamic_shapes={"a": {0: "n"}, "b": {0: "m"}})
+    model = _load(tmp_path, f"exported_cat_softmax_{format}")
+    params, _ = model.load()
+    for n, m in ((2, 9), (6, 1)):
+        a, b = torch.randn(n, 4), torch.randn(m, 4)
+        got = torch.from_numpy(np.array(model.apply(params, bridge.to_jax(a), bridge.to_jax(b))))
+        torch.testing.assert_close(got, _cat_softmax(a, b), rtol=1e-6, atol=1e-7)
+
+
+def test_dynamic_shapes_specs_that_cannot_work_are_refused(tmp_path):
+    module, x = _layer("mlp")
+    with pytest.raises(ValueError, match=r"dynamic_shapes names \['x'\], which are not arguments .* \['input'\]"):
+        export(module, x, path=tmp_path, dynamic_shapes={"x": {0: "batch"}})
+    with pytest.raises(ValueError, match=r"dimension 0 of input arg0 \('batch'\) has size 1 .* size 2 or more"):
+        export(module, x[:1], path=tmp_path, dynamic_shapes=({0: "batch"},))
+    with pytest.raises(NotImplementedError, match="derived dimension"):
+        export(module, x, path=tmp_path, dynamic_shapes=({0: 2 * Dim("half")},))
+    with pytest.raises(ValueError, match="outside its range"):
+        export(module, x, path=tmp_path, dynamic_shapes=({0: Dim("batch", min=8)},))
+
+
+class _Upsample(torch.nn.Module):
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, scale_factor=2, mode="linear")
+
+
+class _Strided(torch.nn.Module):
+    def forward(self, x):
+        return torch.as_strided(x, (2, 2), (1, 2))
+
+
+class _FixedRows(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(4, -1)
+
+
+def test_dynamic_export_refuses_what_cannot_follow_a_symbolic_size(tmp_path):
+    """An op whose lowering needs the concrete size, and torch code that needs one, are errors
+    at export, never a program right only at the example's size."""
+    from bridge.symbolic import SymbolicShapeError
+
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(SymbolicShapeError, match=r"aten.upsample_linear1d.vec .* cannot be traced with symbolic"):
+        export(_Upsample(), x, path=tmp_path, dynamic_shapes={"x": {2: Dim("n")}})
+    with pytest.raises(SymbolicShapeError, match=r"aten.as_strided.default .* reads the example value of a "
+                                                 r"symbolic size \(torch recorded the guard Eq\(n, 8\)\)"):
+        export(_Strided(), x, path=tmp_path, dynamic_shapes={"x": {2: Dim("n")}})
+    with pytest.raises(bridge.CaptureError, match=r"Constraints violated \(n\)(.|\n)*L\['tensors'\]\[0\] is input arg0"):
+        export(_FixedRows(), x, path=tmp_path, dynamic_shapes={"x": {2: Dim("n")}})
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
+import shutil
 import sys
 from collections.abc import Callable
 
@@ -65,6 +66,8 @@ def write_case(
     optax: bool = False,
     kink_check: Callable | None = None,
     format: str = "stablehlo",
+    dynamic_shapes=None,
+    exported: pathlib.Path | None = None,
 ) -> dict:
     """Export `module` into `folder` and save what tools/check_exports.py compares against.
 
@@ -72,6 +75,10 @@ def write_case(
     `apply` with `jax.random.key(0)`). Gradients of a fixed random projection of the
     outputs: torch autograd, in float64 when `x64` (module and inputs converted to
     float64, JAX's x64 mode on for the export). New state: `torch_to_jax_with_state`'s.
+
+    `dynamic_shapes` is passed to export. With `exported` (a folder written by an earlier
+    `write_case`), nothing is exported: that folder's export is copied, and the references
+    are for this call's inputs (one export with symbolic dimensions, checked at another size).
     """
     kwargs = dict(kwargs or {})
     if x64:
@@ -79,7 +86,10 @@ def write_case(
         args, kwargs = _double((args, kwargs))
     x64_ctx = jax.enable_x64(x64)
     with x64_ctx:
-        export(module, *args, path=folder, format=format, **kwargs)
+        if exported is not None:
+            shutil.copytree(exported, folder, ignore=shutil.ignore_patterns("case.json", "reference.npz"))
+        else:
+            export(module, *args, path=folder, format=format, dynamic_shapes=dynamic_shapes, **kwargs)
         spec = json.loads((folder / "export.json").read_text())
         ref: dict[str, np.ndarray] = {}
         leaves: list = []

@@ -1,13 +1,15 @@
 """bridge.export: a torch model written out so that it runs without torch.
 
     bridge.export(module, *example_args, path="port/", format="stablehlo", **example_kwargs)
+    bridge.export(module, x, path="port/", dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
 
 writes a folder:
 
     params.safetensors   parameters, keyed like module.named_parameters()
     state.safetensors    buffers, keyed like module.named_buffers()
-    export.json          format, input/output structure, shapes and dtypes, rng, state updates,
-                         the jax version that wrote it and the compatibility note
+    export.json          format, input/output structure, shapes and dtypes (a symbolic dimension
+                         by name; `dims`: their ranges), rng, state updates, the jax version
+                         that wrote it and the compatibility note
     model.py             load(folder) -> (params, state); apply(params, *args, rng=None, **kwargs);
                          apply_with_state(params, state, *args, rng=None, **kwargs) -> (out, new_state);
                          imports only jax, numpy, safetensors and the standard library
@@ -15,7 +17,8 @@ writes a folder:
 
 The program comes from the one translator: the module is converted with
 `torch_to_jax_with_state` (a function with `torch_to_jax`), with `strict=True`
-and `checks=False`, and traced once at the example inputs. See docs/export.md.
+and `checks=False`, and traced once at the example inputs (with symbolic dimensions
+where `dynamic_shapes` asks for them). See docs/export.md.
 """
 
 from __future__ import annotations
@@ -56,27 +59,27 @@ def export(
         module_or_fn: an `nn.Module` (in the mode to export: `.eval()` or `.train()`) or a
             function of torch tensors.
         example_args, example_kwargs: example inputs (torch tensors, or pytrees of them,
-            and static values such as flags). The program has their shapes and dtypes.
+            and static values such as flags). The program has their dtypes, and their
+            shapes except where `dynamic_shapes` makes a dimension symbolic.
         path: the folder to write (created if needed; files in it are overwritten).
         format: "stablehlo" (a serialized jax.export program plus a loader) or "source"
             (readable JAX source).
-        dynamic_shapes: symbolic dimensions are not supported yet (NotImplementedError);
-            the exported program takes the example inputs' shapes and says so when called
-            with others.
+        dynamic_shapes: torch.export's spec of symbolic dimensions, keyed like the
+            arguments of forward (a dict by name, or a tuple over the arguments), e.g.
+            `{"x": {0: Dim("batch")}}` or `{"input_ids": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "seq"}}`; a dim is a `torch.export.Dim` (its
+            min/max kept as the range), `Dim.AUTO`/`Dim.DYNAMIC`, or a name. Those dimensions
+            are symbolic in the program (one model serves every batch size or sequence
+            length): the source reads them from its inputs' shapes, the StableHLO artifact
+            has them as `jax.export` symbols. An op that cannot follow a symbolic size is an
+            error at export that names it. None: every shape is the example's, checked at
+            call time. See bridge/export/dynamic.py and docs/export.md.
 
     Exporting the same model twice writes identical bytes.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if dynamic_shapes is not None:
-        raise NotImplementedError(
-            "export(dynamic_shapes=...) is not supported yet: the bridge captures the module with "
-            "torch.export at concrete shapes and its lowerings read those shapes, so the program "
-            "cannot be traced with symbolic dimensions. Export with example inputs of the shape "
-            "you will call it with (the exported program checks shapes at call time), or map "
-            "over a batch with jax.vmap."
-        )
-    program = flat.build(module_or_fn, example_args, example_kwargs)
+    program = flat.build(module_or_fn, example_args, example_kwargs, dynamic_shapes)
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     files: dict[str, bytes] = {
@@ -126,6 +129,7 @@ def _spec_json(program: flat.FlatProgram, format: str, title: str, constants: di
         "rng": program.rng,
         "state_updates": program.state_updates,
         "inputs": program.inputs,
+        "dims": program.dims,
         "outputs": program.outputs,
         "flat_inputs": program.arg_names,
         "constants": [[k, list(v.shape), str(v.dtype)] for k, v in constants.items()],

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import torch
 
+from bridge.capture import CaptureError
+
 _STATIC = (type(None), bool, int, float, str)
 
 
@@ -35,16 +37,21 @@ class FlatProgram:
     params: list  # [name, shape, dtype] in named_parameters() order
     state: list  # [name, shape, dtype] in named_buffers() order
     rng: str | None  # the key implementation the program takes the data of; None: no key
-    inputs: dict  # {"tree": ..., "leaves": [[shape, dtype], ...]}
+    inputs: dict  # {"tree": ..., "leaves": [[shape, dtype], ...]}; a symbolic dimension is its name
     outputs: dict  # the same for the outputs
     state_updates: list[str]  # buffers the forward updates, in the order they follow the outputs
     param_tensors: dict[str, torch.Tensor]
     state_tensors: dict[str, torch.Tensor]
     comments: dict[str, str]  # graph node name -> the torch source line that made it
+    dims: dict[str, list]  # symbolic dimension name -> [min, max] (None: unbounded)
 
 
-def build(module_or_fn: Any, args: tuple, kwargs: dict) -> FlatProgram:
-    """Convert `module_or_fn` once and trace it at the example inputs (a torch capture, cached)."""
+def build(module_or_fn: Any, args: tuple, kwargs: dict, dynamic_shapes: Any = None) -> FlatProgram:
+    """Convert `module_or_fn` once and trace it at the example inputs (a torch capture, cached).
+
+    With `dynamic_shapes` (torch.export's spec, see bridge/export/dynamic.py) the inputs it
+    names are traced with symbolic dimensions, and torch captures them symbolic too.
+    """
     import bridge  # at call time: bridge/__init__.py imports this package
 
     if isinstance(module_or_fn, torch.nn.Module):
@@ -67,6 +74,15 @@ def build(module_or_fn: Any, args: tuple, kwargs: dict) -> FlatProgram:
     in_leaves: list = []
     in_tree = _describe_inputs(example_inputs, in_leaves, "inputs")
     in_names = _input_names(in_tree)
+    in_shapes = [tuple(x.shape) for x in in_leaves]
+    dims: dict = {}
+    if dynamic_shapes is not None:
+        from bridge.export.dynamic import symbolic_inputs
+
+        torch_leaves: list = []
+        _describe_inputs((list(args), dict(kwargs)), torch_leaves, "inputs", torch.Tensor)
+        in_shapes, dims = symbolic_inputs(module_or_fn, args, kwargs, dynamic_shapes, torch_leaves, in_names)
+        converted.dims.update(dims)
     pnames, snames = list(params), list(state)
     traced: dict[str, Any] = {}
 
@@ -83,18 +99,21 @@ def build(module_or_fn: Any, args: tuple, kwargs: dict) -> FlatProgram:
             out, new_state = apply(p, s, *a, rng=key, **k)
             out_leaves: list = []
             traced["tree"] = _describe_outputs(out, out_leaves)
-            traced["out"] = [[list(x.shape), np.dtype(x.dtype).name] for x in out_leaves]
+            traced["out"] = [[_shape_json(x.shape), np.dtype(x.dtype).name] for x in out_leaves]
             updates = traced["updates"] = [n for n in snames if new_state[n] is not s[n]]
             return (*out_leaves, *(new_state[n] for n in updates))
 
         return flat_fn
 
     base = [_sds(params[n]) for n in pnames] + [_sds(state[n]) for n in snames]
-    leaves_sds = [_sds(x) for x in in_leaves]
+    leaves_sds = [jax.ShapeDtypeStruct(s, x.dtype) for s, x in zip(in_shapes, in_leaves, strict=True)]
     rng_impl = None
     try:
         jax.eval_shape(make(None), *base, *leaves_sds)
     except Exception as e:
+        if dims and "Constraints violated" in str(e):  # torch.export's refusal of a Dim
+            where = ", ".join(f"L['tensors'][{i}] is input {n}" for i, n in enumerate(in_names))
+            raise CaptureError(f"{e}\nIn torch's message, {where}.") from e
         if not _missing_key(e):
             raise
         rng_impl = str(jax.random.key_impl(jax.random.key(0)))
@@ -112,13 +131,20 @@ def build(module_or_fn: Any, args: tuple, kwargs: dict) -> FlatProgram:
         params=[[n, list(params[n].shape), np.dtype(params[n].dtype).name] for n in pnames],
         state=[[n, list(state[n].shape), np.dtype(state[n].dtype).name] for n in snames],
         rng=rng_impl,
-        inputs={"tree": in_tree, "leaves": [[list(x.shape), np.dtype(x.dtype).name] for x in in_leaves]},
+        inputs={"tree": in_tree, "leaves": [[_shape_json(s), np.dtype(x.dtype).name]
+                                            for s, x in zip(in_shapes, in_leaves, strict=True)]},
         outputs={"tree": traced["tree"], "leaves": traced["out"]},
         state_updates=traced["updates"],
         param_tensors=param_tensors,
         state_tensors=state_tensors,
         comments=_source_lines(converted),
+        dims={d.name: [d.min, d.max] for d in dims.values()},
     )
+
+
+def _shape_json(shape: tuple) -> list:
+    """A shape for export.json: ints, and symbolic dimensions as text (`batch`)."""
+    return [d if isinstance(d, int) else str(d) for d in shape]
 
 
 def _source_lines(converted: Any) -> dict[str, str]:
@@ -152,16 +178,16 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, jax.core.Tracer))
 
 
-def _describe_inputs(x: Any, leaves: list, where: str) -> list:
-    if _is_array(x):
+def _describe_inputs(x: Any, leaves: list, where: str, array_type: Any = None) -> list:
+    if _is_array(x) if array_type is None else isinstance(x, array_type):
         leaves.append(x)
         return ["array", len(leaves) - 1]
     if isinstance(x, _STATIC):
         return ["static", x]
     if isinstance(x, (tuple, list)) and type(x) in (tuple, list):
-        return [type(x).__name__, [_describe_inputs(v, leaves, f"{where}[{i}]") for i, v in enumerate(x)]]
+        return [type(x).__name__, [_describe_inputs(v, leaves, f"{where}[{i}]", array_type) for i, v in enumerate(x)]]
     if isinstance(x, dict) and all(isinstance(k, str) for k in x):
-        return ["dict", [[k, _describe_inputs(v, leaves, f"{where}[{k!r}]")] for k, v in x.items()]]
+        return ["dict", [[k, _describe_inputs(v, leaves, f"{where}[{k!r}]", array_type)] for k, v in x.items()]]
     raise TypeError(
         f"export: the example input {where} is a {type(x).__name__}; exported models take arrays, "
         "plain tuples, lists and dicts (str keys) of them, and None/bool/int/float/str values, "

@@ -37,8 +37,9 @@ state.safetensors{artifact}).
     out = model.apply(params, *args, rng=None, **kwargs)  # jit / grad / vmap work
     out, new_state = model.apply_with_state(params, state, *args, rng=key, **kwargs)
 
-Shapes are those of the example inputs given to bridge.export (checked at call
-time); non-array arguments are fixed at export. Out-of-range indices follow
+Shapes are those of the example inputs given to bridge.export, except the
+symbolic dimensions export.json lists under dims (checked at call time);
+non-array arguments are fixed at export. Out-of-range indices follow
 JAX's rules (clamped), since the program carries no run-time checks.
 """
 '''

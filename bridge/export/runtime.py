@@ -82,8 +82,9 @@ def apply_with_state(params: dict, state: dict, *args, rng=None, **kwargs):
     leaves: list = []
     _flatten(s["inputs"]["tree"], (list(args), kwargs), leaves, "inputs")
     names = s["flat_inputs"][len(flat):]
+    sizes: dict = {}  # symbolic dimension -> the size this call gives it
     for name, leaf, (shape, dtype) in zip(names, leaves, s["inputs"]["leaves"], strict=True):
-        _check_input(name, leaf, shape, dtype)
+        _check_input(name, leaf, shape, dtype, sizes, s.get("dims", {}))
     outs = _program()(*flat, *leaves)
     n_out = len(s["outputs"]["leaves"])
     out = _build(s["outputs"]["tree"], outs[:n_out])
@@ -140,16 +141,34 @@ def _check_entries(what: str, given, entries: list) -> None:
         raise ValueError(f"{what} do not match the exported model: " + "; ".join(problems) + ".")
 
 
-def _check_input(name: str, leaf, shape: list, dtype: str) -> None:
+def _check_input(name: str, leaf, shape: list, dtype: str, sizes: dict, dims: dict) -> None:
+    """Static dimensions as exported; a symbolic one (a name in `shape`) within its range and
+    the same size wherever it appears (`sizes` collects them over the inputs of one call)."""
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
         raise TypeError(f"input {name} must be a JAX or NumPy array, got {type(leaf).__name__}")
-    if tuple(leaf.shape) != tuple(shape):
+    got = tuple(leaf.shape)
+    if len(got) != len(shape) or any(isinstance(e, int) and g != e for g, e in zip(got, shape, strict=False)):
+        exported = "(" + ", ".join(str(e) for e in shape) + ("," if len(shape) == 1 else "") + ")"
         raise ValueError(
-            f"input {name} has shape {tuple(leaf.shape)}, but this model was exported for "
-            f"{tuple(shape)}: exported programs have the static shapes of the example inputs. "
-            "Pad or slice to that shape, map over a batch with jax.vmap, or export again with "
-            "example inputs of the shape you need."
+            f"input {name} has shape {got}, but this model was exported for {exported}: "
+            "dimensions other than the symbolic ones named in export.json's dims are those of "
+            "the example inputs. Pad or slice to that shape, map over a batch with jax.vmap, "
+            "or export again (with dynamic_shapes= for the dimensions that vary)."
         )
+    for axis, (g, e) in enumerate(zip(got, shape, strict=True)):
+        if isinstance(e, int):
+            continue
+        lo, hi = dims.get(e, [None, None])
+        if g < max(lo or 1, 1) or (hi is not None and g > hi):
+            raise ValueError(
+                f"input {name} has size {g} in dimension {axis}, the symbolic dimension {e!r}, "
+                f"which was exported for sizes in [{max(lo or 1, 1)}, {'inf' if hi is None else hi}]"
+            )
+        if sizes.setdefault(e, g) != g:
+            raise ValueError(
+                f"input {name} has size {g} in dimension {axis}, the symbolic dimension {e!r}, "
+                f"which another input gives size {sizes[e]}: it must be the same everywhere"
+            )
     if jnp.dtype(leaf.dtype) != jnp.dtype(dtype):
         raise ValueError(f"input {name} has dtype {jnp.dtype(leaf.dtype).name}, expected {dtype}")
 

@@ -126,7 +126,17 @@ class Function(P.Ctx):
 
     # -- printer context
     def value(self, v: Any) -> Expr:
-        return X.value_expr(v, lambda d: X.dim_text(d, self.dim_name))
+        return X.value_expr(v, self.dim_text)
+
+    def dim_text(self, d: Any) -> str:
+        """A dimension expression: the size of a parameter's axis that is exactly `d` (`m + n`
+        after a concatenation: a helper then needs neither m nor n), else over the variables."""
+        if not str(d).isidentifier():
+            for v in self.params:
+                for j, e in enumerate(getattr(v.aval, "shape", ())):
+                    if is_symbolic_dim(e) and str(e) == str(d):
+                        return f"{self.names[v]}.shape[{j}]"
+        return X.dim_text(d, self.dim_name)
 
     def dim_name(self, symbol: str) -> str:
         if symbol not in self.module.dim_names:

@@ -6,6 +6,7 @@ operands of different dtypes are refused, as torch refuses them.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -112,7 +113,7 @@ def trilinear(ctx, i1, i2, i3, expand1, expand2, expand3, sumdim, unroll_dim=1):
     for t, expand in operands:
         kept = [d for d in range(total) if d not in expand]
         for d, n in zip(kept, t.shape, strict=True):
-            sizes[d] = max(sizes[d], n)
+            sizes[d] = jax.core.max_dim(sizes[d], n)  # symbolic sizes too (dynamic_shapes)
     letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
     subscripts, arrays, present = [], [], set()
     for t, expand in operands:

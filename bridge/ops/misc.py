@@ -1,11 +1,13 @@
 """Shape queries, assertions and other bookkeeping ops that exported graphs contain.
 
-Shapes are static in a captured graph, so `sym_size` and friends evaluate to
-the Python values torch recorded. Assertions on tensor values run at run time
+`sym_size` and friends evaluate to the Python values torch recorded, or, in a
+graph captured with dynamic shapes, to the inputs' (symbolic) JAX dimensions. Assertions on tensor values run at run time
 through `jax.debug.callback`, so they hold under `jit`, `vmap` and `grad` too.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -29,17 +31,17 @@ def sym_size(ctx, x, dim):
 
 @lowering(aten.sym_stride.int)
 def sym_stride(ctx, x, dim):
-    return int(_input_meta(ctx).stride(dim))
+    return ctx.size(_input_meta(ctx).stride(dim))
 
 
 @lowering(aten.sym_numel.default)
 def sym_numel(ctx, x):
-    return int(np.prod(x.shape, dtype=np.int64))
+    return math.prod(x.shape)
 
 
 @lowering(aten.sym_storage_offset.default)
 def sym_storage_offset(ctx, x):
-    return int(_input_meta(ctx).storage_offset())
+    return ctx.size(_input_meta(ctx).storage_offset())
 
 
 @lowering(aten.sym_is_contiguous.default)

@@ -8,8 +8,10 @@ and every other value (ints, floats, bools, dtypes, devices) left as it is.
 
     ctx.dtype   the JAX dtype of the (single) output, as torch computed it
                 (type promotion included), canonicalised for x64 mode
-    ctx.shape   the output shape
+    ctx.shape   the output shape (JAX symbolic dimensions where torch's is symbolic)
     ctx.out     the raw `node.meta["val"]` (FakeTensor, tuple, SymInt, ...)
+    ctx.size(s) a size from torch's metadata (int or SymInt) as an int or JAX dimension;
+                never `int(s)` on a SymInt: that reads the example's size
     ctx.key()   a fresh PRNG key for this node (random ops only)
     ctx.require(ok, error, message)
                 a condition torch checks at run time (an index in range, a
@@ -65,16 +67,23 @@ class DataDependentShapeError(NotImplementedError):
 class LoweringContext:
     """What the interpreter knows about the node being lowered."""
 
-    __slots__ = ("node", "out", "_rng", "_index", "_checks")
+    __slots__ = ("node", "out", "_rng", "_index", "_checks", "_size")
 
     def __init__(
-        self, node: Any, out: Any, rng: jax.Array | None, index: int, checks: list[Check] | None = None
+        self,
+        node: Any,
+        out: Any,
+        rng: jax.Array | None,
+        index: int,
+        checks: list[Check] | None = None,
+        size: Callable[[Any], Any] = int,
     ) -> None:
         self.node = node
         self.out = out
         self._rng = rng
         self._index = index
         self._checks = checks
+        self._size = size  # a recorded size (int or torch SymInt) -> int or JAX dimension
 
     def require(self, ok: Any, error: type[Exception], message: str) -> None:
         """Record that torch raises `error(message)` at run time unless `ok` holds everywhere.
@@ -90,14 +99,19 @@ class LoweringContext:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.out.shape)
+        return tuple(self._size(s) for s in self.out.shape)
+
+    def size(self, value: Any) -> Any:
+        """A size torch recorded (an int or a SymInt) as an int, or as the JAX dimension a
+        symbolic one stands for (an export with dynamic shapes)."""
+        return self._size(value)
 
     def dtype_of(self, i: int) -> np.dtype:
         """The dtype of output `i` of a multi-output op."""
         return dtypes.canonical_jax_dtype(self.out[i].dtype)
 
     def shape_of(self, i: int) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.out[i].shape)
+        return tuple(self._size(s) for s in self.out[i].shape)
 
     def key(self) -> jax.Array:
         """A PRNG key for this node, derived from the caller's `rng` key."""

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from jax import lax
+from jax.export import is_symbolic_dim
 
 from bridge.ops.operands import index_along, wrap_dim
 from bridge.ops.registry import lowering
@@ -22,12 +24,21 @@ aten = torch.ops.aten
 
 
 def _slice_bounds(n: int, start: int | None, end: int | None, step: int) -> tuple[int, int, int]:
-    """torch's clamped slice bounds (step > 0) as (start, end, step) within 0..n."""
+    """torch's clamped slice bounds (step > 0) as (start, end, step) within 0..n.
+
+    `n` may be a symbolic dimension (an export with dynamic shapes): the clamps are then
+    dimension expressions (`jax.core.min_dim`), and an `end` of torch's "to the end"
+    (INT64_MAX) is `n` itself.
+    """
     start = 0 if start is None else start
-    end = n if end is None else end
-    start = min(max(start + n if start < 0 else start, 0), n)
-    end = min(max(end + n if end < 0 else end, start), n)
+    end = n if end is None or (isinstance(end, int) and end >= _TO_THE_END) else end
+    lo, hi = (jax.core.min_dim, jax.core.max_dim) if is_symbolic_dim(n) else (min, max)
+    start = lo(hi(start + n if start < 0 else start, 0), n)
+    end = lo(hi(end + n if end < 0 else end, start), n)
     return start, end, step
+
+
+_TO_THE_END = 2**62  # torch writes x[a:] as slice(x, dim, a, INT64_MAX)
 
 
 @lowering(
