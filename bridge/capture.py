@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -33,7 +34,7 @@ from torch._decomp import core_aten_decompositions
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from bridge import dtypes
+from bridge import dtypes, specialise
 from bridge import fallback as fallback_lib
 from bridge.dlpack import to_torch
 from bridge.interpreter import node_op
@@ -103,6 +104,8 @@ class Captured:
     unsupported: list[torch.fx.Node]
     # Submodules that run in torch as opaque calls (module-level fallback).
     opaque: list[fallback_lib.Opaque] = dataclasses.field(default_factory=list)
+    # Data-dependent guards decided at capture, each checked at run time.
+    assumptions: list[specialise.Assumption] = dataclasses.field(default_factory=list)
 
 
 class _Wrapper(torch.nn.Module):
@@ -227,6 +230,13 @@ def _capture_around(module: torch.nn.Module, call: Callable, sig: Signature, err
             reason = f"passes submodule '{path}' a value computed from a tensor ({opaque[path].reason})"
             path = path.rpartition(".")[0]
         if not path:  # the module's own forward decides
+            if "" in recording.errors:
+                raise fallback_lib.FallbackError(
+                    f"torch.export cannot capture this code ({reason}), and it cannot run through a "
+                    f"torch callback either: {recording.errors['']}. Return tensors (e.g. "
+                    "torch.tensor(value) or keep the value a tensor instead of calling .item()), "
+                    "or call the torch code outside JAX."
+                ) from error
             root = RootFallback(str(error))
             root.module_path, root.source = "", reason
             root.updated = recording.updated.get("", ())
@@ -264,13 +274,27 @@ def _wrapped(module: torch.nn.Module, call: Callable, sig: Signature) -> tuple[_
 def _capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Captured:
     register_model_pytrees(module)
     wrapper, leaves, device = _wrapped(module, call, sig)
-    with warnings.catch_warnings():
-        # torch.export's own pytree deprecation noise; nothing a user can act on.
-        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
-        program = _export(wrapper, leaves, device, sig.x64)
-        program = program.run_decompositions({})  # functionalise; keep high-level ops
-        program = _decompose_unlowered(program)
-    return _describe(program)
+    ops: list[torch._ops.OpOverload] = []  # ops kept whole, their shapes from torch (fallback.eager_shapes)
+    while True:
+        with warnings.catch_warnings(), fallback_lib.eager_shapes(ops):
+            # torch.export's own pytree deprecation noise; nothing a user can act on.
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
+            try:
+                program, specialised = _export(wrapper, leaves, device, sig.x64)
+            except CaptureError as e:
+                op = fallback_lib.failing_op(e.__cause__) if e.__cause__ is not None else None
+                if op is None or op in ops or len(ops) >= _MAX_DECOMPOSITION_ROUNDS:
+                    raise
+                ops.append(op)
+                continue
+            program = program.run_decompositions({})  # functionalise; keep high-level ops
+            program = _decompose_unlowered(program, keep=ops)
+        break
+    captured = _describe(program)
+    if specialised:
+        specialise.label_assertions(program, *specialised)
+        captured.assumptions = specialised[0]
+    return captured
 
 
 @contextlib.contextmanager
@@ -337,8 +361,11 @@ def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError |
     return error
 
 
-def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool) -> ExportedProgram:
-    """torch.export the wrapper, with 32-bit integer inputs widened where torch accepts it."""
+def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool) -> tuple[ExportedProgram, Any]:
+    """torch.export the wrapper, with 32-bit integer inputs widened where torch accepts it.
+
+    Also returns what `specialise.explore` assumed to capture it (None if nothing).
+    """
     choices = _example_choices(leaves, x64)
     first_error = None
     # A rejected choice makes FakeTensor log the failing meta function's
@@ -354,9 +381,21 @@ def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool) -> 
         for widen in choices:
             examples = tuple(example_tensor(leaf, device, w) for leaf, w in zip(leaves, widen, strict=True))
             try:
-                return torch.export.export(wrapper, examples, strict=False)
+                return specialise.first_guard(functools.partial(torch.export.export, wrapper, examples, strict=False)), None
             except Exception as e:  # torch's own checks reject a dtype: try the next choice
                 first_error = first_error or e
+        # A data-dependent guard on which only one outcome lets torch go on:
+        # assume it, checked at run time (bridge/specialise.py).
+        examples = tuple(example_tensor(leaf, device, w) for leaf, w in zip(leaves, choices[0], strict=True))
+        try:
+            with _no_graph_dumps():  # the failed attempts' partial graphs
+                program, assumptions, trace = specialise.explore(
+                    specialise.attempt_with(functools.partial(torch.export.export, wrapper, examples, strict=False)),
+                    first_error)
+            return program, (assumptions, trace)
+        except Exception as e:
+            if e is not first_error:
+                raise
     finally:
         fake_tensor_log.setLevel(levels[0])
         shapes_log.setLevel(levels[1])
@@ -399,9 +438,12 @@ def _decomposition_for(op: torch._ops.OpOverload) -> Callable | None:
     return None
 
 
-def _decompose_unlowered(program: ExportedProgram) -> ExportedProgram:
-    """Decompose only the ops with no lowering, until none is left to decompose."""
-    failed: set[torch._ops.OpOverload] = set()
+def _decompose_unlowered(program: ExportedProgram, keep: Sequence[torch._ops.OpOverload] = ()) -> ExportedProgram:
+    """Decompose only the ops with no lowering, until none is left to decompose.
+
+    The ops in `keep` (whose decomposition needs tensor values) stay whole.
+    """
+    failed: set[torch._ops.OpOverload] = set(keep)
     for _ in range(_MAX_DECOMPOSITION_ROUNDS):
         table = {}
         for op in _graph_ops(program) - LOWERINGS.keys() - failed - {fallback_lib.OPAQUE_OP}:

@@ -41,6 +41,7 @@ from bridge.ops.registry import (
     MissingKeyError,
     RefusedByTorchError,
 )
+from bridge.specialise import SYM_FUNCTIONS
 
 _with_effects = torch.ops.higher_order.with_effects
 
@@ -266,6 +267,9 @@ def run(
             if target is _with_effects:
                 effect_token, target, *args = args
                 val = _effect_outputs(target, val)
+            if target in SYM_FUNCTIONS:  # arithmetic of a run-time assertion (bridge/specialise.py)
+                env[node] = SYM_FUNCTIONS[target](*args, **kwargs)
+                continue
             if not isinstance(target, torch._ops.OpOverload):
                 raise UnsupportedOpsError(
                     f"graph node {describe_node(node)} is not an ATen op ({type(target).__name__}); "
