@@ -290,6 +290,9 @@ def _capture(module: torch.nn.Module, call: Callable, sig: Signature) -> Capture
             program = program.run_decompositions({})  # functionalise; keep high-level ops
             program = _decompose_unlowered(program, keep=ops)
         break
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target in ops:
+            node.meta[fallback_lib.KEPT_WHOLE] = True
     captured = _describe(program)
     if specialised:
         specialise.label_assertions(program, *specialised)
@@ -330,7 +333,12 @@ def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError |
     name = type(e).__name__
     text = str(e)
     reads = any(marker in text for marker in _VALUE_READS)
-    if not reads and "DataDependent" not in name and "data-dependent" not in text:
+    # An op whose fake kernel cannot give its output shapes (aten._ctc_loss,
+    # aten.linalg_lstsq): torch computes them from values.
+    dynamic = name == "DynamicOutputShapeException"
+    # A tensor's value used as a number in a view (narrow with a tensor start).
+    pending = name == "PendingUnbackedSymbolNotFound"
+    if not (reads or dynamic or pending) and "DataDependent" not in name and "data-dependent" not in text:
         return None
     path, source = fallback_lib.locate(e, root)
     where = ""
@@ -348,10 +356,14 @@ def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError |
         f"torch_to_jax with strict=False (the default) runs only submodule '{path}' in torch "
         "and translates the rest; or " if path else ""
     )
+    what = (
+        "reads the values of a tensor in Python" if reads
+        else "calls an op whose output shapes torch computes from tensor values" if dynamic
+        else "uses the value of a tensor as a Python number (an index or a size)" if pending
+        else "makes a Python decision from the value of a tensor"
+    )
     error = CaptureError(
-        f"torch.export cannot capture this code: it "
-        f"{'reads the values of a tensor in Python' if reads else 'makes a Python decision from the value of a tensor'}"
-        f"{where} ({reason}). While capturing, tensor values are unknown, so the "
+        f"torch.export cannot capture this code: it {what}{where} ({reason}). While capturing, tensor values are unknown, so the "
         f"branch cannot be translated into one JAX program. Fixes: {submodule}convert with "
         "mode='callback' to run torch itself at run time; or compute both branches and pick "
         "with torch.where (or use torch.cond); or pass the deciding value as a Python "
@@ -381,8 +393,10 @@ def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool) -> 
         for widen in choices:
             examples = tuple(example_tensor(leaf, device, w) for leaf, w in zip(leaves, widen, strict=True))
             try:
-                return specialise.first_guard(functools.partial(torch.export.export, wrapper, examples, strict=False)), None
+                with specialise.deciding([]) as trace:  # notes the data-dependent guard it stops at
+                    return torch.export.export(wrapper, examples, strict=False), None
             except Exception as e:  # torch's own checks reject a dtype: try the next choice
+                specialise.note_guard(e, trace)
                 first_error = first_error or e
         # A data-dependent guard on which only one outcome lets torch go on:
         # assume it, checked at run time (bridge/specialise.py).

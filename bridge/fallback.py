@@ -36,7 +36,7 @@ import torch.utils._pytree as torch_pytree
 from bridge.ops.registry import DataDependentShapeError
 
 __all__ = [
-    "OPAQUE_OP", "FallbackError", "Opaque", "Site", "describe", "eager_shapes", "failing_op", "locate",
+    "KEPT_WHOLE", "OPAQUE_OP", "FallbackError", "Opaque", "Site", "describe", "eager_shapes", "failing_op", "locate",
     "lowering", "opaque_forwards", "record",
 ]
 
@@ -317,10 +317,40 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def lowering(node: torch.fx.Node) -> Callable | None:
-    """The lowering of an opaque call node (None for any other node)."""
-    if node.target is not OPAQUE_OP:
-        return None
-    return _LIVE[node.args[0]].lower
+    """The lowering of an opaque call node or of an op kept whole (None for any other node)."""
+    if node.target is OPAQUE_OP:
+        return _LIVE[node.args[0]].lower
+    if node.meta.get(KEPT_WHOLE):
+        return _kept_lowering(node)
+    return None
+
+
+def _kept_lowering(node: torch.fx.Node) -> Callable:
+    """Run an op kept whole (`eager_shapes`) in torch through a callback.
+
+    Its output shapes depend only on input shapes, but torch's fake kernel may
+    not know them (`aten._ctc_loss`): the callback then finds them by running
+    the op on zeros, and checks every run's shapes against them.
+    """
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    from bridge.callback import wrap
+
+    op = node.target
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return op(*args, **kwargs)
+        except DynamicOutputShapeException as e:  # fake tensors: let the callback run it on zeros
+            raise FallbackError(f"{op}: torch's fake kernel cannot give its output shapes") from e
+
+    run.__qualname__ = str(op)
+    jax_fn = wrap(run)
+
+    def lower(ctx: Any, *args: Any, **kwargs: Any) -> Any:
+        return jax_fn(*args, **kwargs)
+
+    return lower
 
 
 @contextlib.contextmanager
@@ -385,6 +415,7 @@ def describe(opaques: Sequence[Opaque]) -> str:
 # -- one ATen op whose shapes torch computes from values
 
 _CIA = torch._C.DispatchKey.CompositeImplicitAutograd
+KEPT_WHOLE = "bridge_kept_whole"  # node.meta key of an op `eager_shapes` kept whole
 
 
 def failing_op(error: BaseException) -> torch._ops.OpOverload | None:
@@ -402,9 +433,13 @@ def failing_op(error: BaseException) -> torch._ops.OpOverload | None:
         frame = tb.tb_frame
         op = frame.f_locals.get("func") if frame.f_code.co_name == "proxy_call" else None
         if isinstance(op, torch._ops.OpOverload):
+            from torch._export.utils import _is_preservable_cia_op
+
             returns = [str(r.type) for r in op._schema.returns]
+            # Only ops torch.export keeps as nodes (functional ones, not views such as
+            # narrow.Tensor): for any other the stand-in kernel would be traced.
             if (op.namespace == "aten" and returns and all(t == "Tensor" for t in returns)
-                    and torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), _CIA)):
+                    and _is_preservable_cia_op(op)):
                 return op
             return None
         tb = tb.tb_next

@@ -40,7 +40,7 @@ from torch.fx.experimental import symbolic_shapes
 
 __all__ = [
     "MAX_GUARDS", "SYM_FUNCTIONS", "Assumption", "attempt_with", "deciding", "error_type", "explore",
-    "feeds_only_checks", "first_guard", "label_assertions",
+    "feeds_only_checks", "label_assertions", "note_guard",
 ]
 
 MAX_GUARDS = 8  # guards specialised per capture; each costs two more exports
@@ -187,9 +187,17 @@ def _is_guard(error: BaseException) -> bool:
     return isinstance(error, symbolic_shapes.GuardOnDataDependentSymNode)
 
 
-def _data_dependent(error: BaseException) -> bool:
-    """torch.export's own data-dependent stops (not an error the traced code raises)."""
-    return "DataDependent" in type(error).__name__ or "PendingUnbacked" in type(error).__name__
+# Modules whose exceptions are the tracer's, not an error the traced code raises.
+_TRACER_MODULES = ("torch._dynamo", "torch.fx", "torch._subclasses", "torch.export", "torch._export",
+                   "torch._guards", "torch.utils._sympy")
+
+
+def _raised_by_code(error: BaseException) -> bool:
+    """Whether the traced code itself raised `error` (a validation), not torch.export's tracer."""
+    name, module = type(error).__name__, type(error).__module__ or ""
+    if "DataDependent" in name or "PendingUnbacked" in name or "DynamicOutputShape" in name:
+        return False
+    return not module.startswith(_TRACER_MODULES)
 
 
 def explore(attempt: Callable[[list[tuple[str, bool]]], Any], error: BaseException,
@@ -216,7 +224,7 @@ def explore(attempt: Callable[[list[tuple[str, bool]]], Any], error: BaseExcepti
                 outcomes[value] = attempt([*decisions, (expr, value)])
             except Exception as e:
                 outcomes[value] = e
-        raises = [v for v, o in outcomes.items() if isinstance(o, Exception) and not _data_dependent(o)]
+        raises = [v for v, o in outcomes.items() if isinstance(o, Exception) and _raised_by_code(o)]
         if len(raises) != 1:
             raise error  # a real branch, or torch raises either way: nothing safe to assume
         bad = outcomes[raises[0]]
@@ -230,6 +238,12 @@ def explore(attempt: Callable[[list[tuple[str, bool]]], Any], error: BaseExcepti
     raise error
 
 
+def note_guard(error: BaseException, trace: _Trace) -> None:
+    """Mark `error` with the undecided guard it stopped at (for `explore`), if it did."""
+    if _is_guard(error) and len(trace.seen) > len(trace.decisions):
+        error._bridge_guard = trace.seen[len(trace.decisions)]
+
+
 def attempt_with(export: Callable[[], Any]) -> Callable[[list[tuple[str, bool]]], Any]:
     """`explore`'s `attempt` for `export()`: its error carries the guard it stopped at."""
 
@@ -238,16 +252,10 @@ def attempt_with(export: Callable[[], Any]) -> Callable[[list[tuple[str, bool]]]
             try:
                 return export(), trace
             except Exception as e:
-                if _is_guard(e) and len(trace.seen) > len(decisions):
-                    e._bridge_guard = trace.seen[len(decisions)]
+                note_guard(e, trace)
                 raise
 
     return attempt
-
-
-def first_guard(export: Callable[[], Any]) -> Any:
-    """Run `export()` recording the data-dependent guard it stops at (on its error)."""
-    return attempt_with(export)([])[0]
 
 
 def label_assertions(program: torch.export.ExportedProgram, assumptions: list[Assumption], trace: _Trace) -> None:

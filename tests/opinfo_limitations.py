@@ -164,6 +164,13 @@ KNOWN: dict[str, Limitation] = {
         "torch.export drops instance_norm's running-statistics update in training mode; "
         "the bridge raises NotImplementedError instead of returning stale statistics",
     ),
+    # Ops capture keeps whole (their decomposition or fake kernel needs values) with no lowering yet.
+    "nn.functional.ctc_loss": Limitation(
+        XFAIL,
+        "aten.ctc_loss has no JAX lowering: capture keeps it whole (aten._ctc_loss has no fake "
+        "kernel for its shapes), and strict=True reports the missing lowering; strict=False runs "
+        "it in torch through a callback (tests/test_function_fallback.py)",
+    ),
     # Inputs torch.export cannot take.
     "sparse.sampled_addmm": Limitation(SKIP, _SPARSE),
     "sparse.mm.reduce": Limitation(SKIP, _SPARSE),

@@ -120,6 +120,14 @@ def test_a_violated_specialisation_raises_torchs_error_eagerly_and_under_jit():
     np.testing.assert_allclose(_np(jax.jit(jfn)(*args)), gaussian_nll(x, t, v).numpy(), **FWD)
 
 
+def test_checks_false_keeps_the_assumption_check():
+    x, t, v = nll_inputs()
+    jfn = bridge.torch_to_jax(gaussian_nll, strict=True, checks=False)
+    np.testing.assert_allclose(_np(jfn(*bridge.to_jax([x, t, v]))), gaussian_nll(x, t, v).numpy(), **FWD)
+    with pytest.raises(Exception, match="var has negative entry"):
+        jax.block_until_ready(jax.jit(jfn)(*bridge.to_jax([x, t, -v])))
+
+
 def test_a_user_validation_is_specialised_and_works_under_grad_and_vmap():
     x = torch.rand(3, 4) + 0.5
     jfn = bridge.torch_to_jax(checked_sqrt, strict=True)
@@ -254,3 +262,41 @@ def test_a_kept_op_without_lowering_runs_through_a_callback_or_is_a_strict_error
         out = jax.jit(bridge.torch_to_jax(torch.cov))(bridge.to_jax(x))
     assert any("aten.cov.default" in str(w.message) for w in caught)
     np.testing.assert_allclose(_np(out), torch.cov(x).numpy(), **FWD)
+
+
+def ctc(log_probs, targets, input_lengths, target_lengths):
+    return F.ctc_loss(log_probs, targets, input_lengths, target_lengths)
+
+
+def test_ctc_loss_is_kept_whole_and_runs_in_torch_outside_strict_mode():
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.randn(6, 2, 5, generator=g).log_softmax(2)
+    args = (log_probs, torch.randint(1, 5, (2, 3), generator=g), torch.tensor([6, 5]), torch.tensor([3, 2]))
+    with pytest.raises(UnsupportedOpsError, match=r"aten\.ctc_loss"):
+        bridge.torch_to_jax(ctc, strict=True)(*bridge.to_jax(list(args)))
+    jfn = bridge.torch_to_jax(ctc)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = jax.jit(jfn)(*bridge.to_jax(list(args)))
+    assert any("aten.ctc_loss" in str(w.message) for w in caught)
+    np.testing.assert_allclose(_np(out), ctc(*args).numpy(), **FWD)
+    targets = {str(n.target) for n in _captured(jfn).program.graph.nodes}
+    assert "aten.ctc_loss.Tensor" in targets and "bridge_fallback.call.default" not in targets
+    _float64_grads(ctc, args, strict=False)
+
+
+def narrow_at(x, start):
+    return torch.narrow(x, 0, start, 2) * 3
+
+
+def test_narrow_with_a_tensor_start_runs_in_torch_outside_strict_mode():
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(bridge.CaptureError, match="as a Python number"):
+        bridge.torch_to_jax(narrow_at, strict=True)(bridge.to_jax(x), jnp.asarray(1))
+    jfn = bridge.torch_to_jax(narrow_at)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for start in (1, 3):
+            out = jax.jit(jfn)(bridge.to_jax(x), jnp.asarray(start))
+            np.testing.assert_allclose(_np(out), narrow_at(x, torch.tensor(start)).numpy(), **FWD)
+    _float64_grads(narrow_at, (x, torch.tensor(2)), strict=False)
