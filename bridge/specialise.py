@@ -192,10 +192,17 @@ _TRACER_MODULES = ("torch._dynamo", "torch.fx", "torch._subclasses", "torch.expo
                    "torch._guards", "torch.utils._sympy")
 
 
+# What torch raises when code reads a fake tensor's values (`.numpy()`, a data
+# pointer): eager torch would not raise there.
+_FAKE_VALUE_READS = ("not supported for tensor subclasses", "Cannot access data pointer", "FakeTensor")
+
+
 def _raised_by_code(error: BaseException) -> bool:
     """Whether the traced code itself raised `error` (a validation), not torch.export's tracer."""
     name, module = type(error).__name__, type(error).__module__ or ""
     if "DataDependent" in name or "PendingUnbacked" in name or "DynamicOutputShape" in name:
+        return False
+    if any(marker in str(error) for marker in _FAKE_VALUE_READS):
         return False
     return not module.startswith(_TRACER_MODULES)
 

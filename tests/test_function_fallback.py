@@ -300,3 +300,21 @@ def test_narrow_with_a_tensor_start_runs_in_torch_outside_strict_mode():
             out = jax.jit(jfn)(bridge.to_jax(x), jnp.asarray(start))
             np.testing.assert_allclose(_np(out), narrow_at(x, torch.tensor(start)).numpy(), **FWD)
     _float64_grads(narrow_at, (x, torch.tensor(2)), strict=False)
+
+
+def reads_numpy_on_one_side(x):
+    """One side of the guard fails only while tracing (a value read), not in torch: a real branch."""
+    if (x > 0).all():
+        return x * 2
+    return x * float(x.detach().numpy().max())
+
+
+def test_a_side_that_fails_only_while_tracing_is_not_taken_for_validation():
+    x = torch.rand(2, 3) + 0.1
+    jfn = bridge.torch_to_jax(reads_numpy_on_one_side)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = jfn(bridge.to_jax(x))
+    assert any("cannot capture the function reads_numpy_on_one_side" in str(w.message) for w in caught)
+    np.testing.assert_allclose(_np(out), reads_numpy_on_one_side(x).numpy(), **FWD)
+    np.testing.assert_allclose(_np(jfn(bridge.to_jax(-x))), reads_numpy_on_one_side(-x).numpy(), **FWD)
