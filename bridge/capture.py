@@ -14,6 +14,10 @@ forward makes a Python decision on a tensor's value (or reads its values, as
 innermost such submodules as opaque calls that run in torch (see
 bridge/fallback.py); if the module's own forward makes the decision,
 `RootFallback` says so, for the caller to run the whole module in torch.
+Before that, and also without `fall_back`: a guard on which only one outcome
+lets torch go on is assumed and checked at run time (bridge/specialise.py),
+and a composite op whose decomposition tests values is kept whole, its shapes
+from torch (`fallback.eager_shapes`).
 """
 
 from __future__ import annotations
@@ -363,7 +367,8 @@ def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError |
         else "makes a Python decision from the value of a tensor"
     )
     error = CaptureError(
-        f"torch.export cannot capture this code: it {what}{where} ({reason}). While capturing, tensor values are unknown, so the "
+        f"torch.export cannot capture this code: it {what}{where} ({reason}). While capturing, "
+        "tensor values are unknown, so the "
         f"branch cannot be translated into one JAX program. Fixes: {submodule}convert with "
         "mode='callback' to run torch itself at run time; or compute both branches and pick "
         "with torch.where (or use torch.cond); or pass the deciding value as a Python "
