@@ -155,6 +155,13 @@ def callback_fallback(node: torch.fx.Node) -> Callable:
 
 def _check(node: torch.fx.Node, value: Any, expected: Any) -> None:
     if isinstance(expected, torch.Tensor):
+        if not all(isinstance(s, int) for s in expected.shape):
+            raise DataDependentShapeError(
+                f"{describe_node(node)}: its output shape {tuple(expected.shape)} depends on tensor "
+                "values (a number read from a tensor, e.g. tensor split points), which JAX's static "
+                "shapes cannot express. Pass such numbers as Python values, or run the function "
+                "with mode='callback' outside jax.jit."
+            )
         shape = tuple(int(s) for s in expected.shape)
         dtype = dtypes.canonical_jax_dtype(expected.dtype)
         got_shape = tuple(np.shape(value))

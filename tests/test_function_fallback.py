@@ -318,3 +318,15 @@ def test_a_side_that_fails_only_while_tracing_is_not_taken_for_validation():
     assert any("cannot capture the function reads_numpy_on_one_side" in str(w.message) for w in caught)
     np.testing.assert_allclose(_np(out), reads_numpy_on_one_side(x).numpy(), **FWD)
     np.testing.assert_allclose(_np(jfn(bridge.to_jax(-x))), reads_numpy_on_one_side(-x).numpy(), **FWD)
+
+
+def split_at(x, indices):
+    return torch.tensor_split(x, indices)
+
+
+def test_split_points_read_from_a_tensor_are_a_clear_data_dependent_shape_error():
+    x, indices = jnp.ones((6, 2)), jnp.asarray([2, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(DataDependentShapeError, match="depends on tensor values"):
+            jax.jit(bridge.torch_to_jax(split_at))(x, indices)
