@@ -286,13 +286,15 @@ class _Converted:
     def _build(self, sig: capture_lib.Signature) -> Callable:
         if self.mode == "callback":
             return self._build_callback(sig)
-        # Modules (not plain functions) fall back to torch per submodule when
-        # torch.export cannot capture a forward (see bridge/fallback.py).
-        fall_back = not self.strict and not isinstance(self.module, _FunctionModule)
+        # Outside strict mode, what torch.export cannot capture runs in torch:
+        # per submodule, or the whole module or function (see bridge/fallback.py).
         try:
-            captured = capture_lib.capture(self.module, _call_module, sig, fall_back=fall_back, dims=self.dims)
+            captured = capture_lib.capture(self.module, _call_module, sig, fall_back=not self.strict, dims=self.dims)
         except capture_lib.RootFallback as e:
-            _warn_fallback(f"  - '<root>' ({type(self.module).__name__}): {e.source or 'its forward'}")
+            if isinstance(self.module, _FunctionModule):
+                _warn_function_fallback(self.module.fn, e.source)
+            else:
+                _warn_fallback(f"  - '<root>' ({type(self.module).__name__}): {e.source or 'its forward'}")
             return self._build_callback(sig, updated=e.updated)
         self.captures[sig] = captured
         if captured.opaque:
@@ -400,6 +402,17 @@ def _warn_fallback(listing: str) -> None:
         "they run in torch through callbacks and the rest is translated:\n"
         f"{listing}\nCallbacks run on the host and cannot be serialised or run on TPU; "
         "pass strict=True to make this an error.",
+        stacklevel=5,
+    )
+
+
+def _warn_function_fallback(fn: Callable, source: str | None) -> None:
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    warnings.warn(
+        f"torch.export cannot capture the function {name} (Python code that needs a tensor's "
+        f"values{': ' + source if source else ''}); it runs in torch through a callback. "
+        "Callbacks run on the host and cannot be serialised or run on TPU; pass strict=True "
+        "to make this an error.",
         stacklevel=5,
     )
 

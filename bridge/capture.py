@@ -14,17 +14,22 @@ forward makes a Python decision on a tensor's value (or reads its values, as
 innermost such submodules as opaque calls that run in torch (see
 bridge/fallback.py); if the module's own forward makes the decision,
 `RootFallback` says so, for the caller to run the whole module in torch.
+Before that, and also without `fall_back`: a guard on which only one outcome
+lets torch go on is assumed and checked at run time (bridge/specialise.py),
+and a composite op whose decomposition tests values is kept whole, its shapes
+from torch (`fallback.eager_shapes`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -33,7 +38,7 @@ from torch._decomp import core_aten_decompositions
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from bridge import dtypes
+from bridge import dtypes, specialise
 from bridge import fallback as fallback_lib
 from bridge.dlpack import to_torch
 from bridge.interpreter import node_op
@@ -118,6 +123,8 @@ class Captured:
     unsupported: list[torch.fx.Node]
     # Submodules that run in torch as opaque calls (module-level fallback).
     opaque: list[fallback_lib.Opaque] = dataclasses.field(default_factory=list)
+    # Data-dependent guards decided at capture, each checked at run time.
+    assumptions: list[specialise.Assumption] = dataclasses.field(default_factory=list)
 
 
 class _Wrapper(torch.nn.Module):
@@ -291,6 +298,13 @@ def _capture_around(
             reason = f"passes submodule '{path}' a value computed from a tensor ({opaque[path].reason})"
             path = path.rpartition(".")[0]
         if not path:  # the module's own forward decides
+            if "" in recording.errors:
+                raise fallback_lib.FallbackError(
+                    f"torch.export cannot capture this code ({reason}), and it cannot run through a "
+                    f"torch callback either: {recording.errors['']}. Return tensors (e.g. "
+                    "torch.tensor(value) or keep the value a tensor instead of calling .item()), "
+                    "or call the torch code outside JAX."
+                ) from error
             root = RootFallback(str(error))
             root.module_path, root.source = "", reason
             root.updated = recording.updated.get("", ())
@@ -328,13 +342,30 @@ def _wrapped(module: torch.nn.Module, call: Callable, sig: Signature) -> tuple[_
 def _capture(module: torch.nn.Module, call: Callable, sig: Signature, dims: Mapping | None) -> Captured:
     register_model_pytrees(module)
     wrapper, leaves, device = _wrapped(module, call, sig)
-    with warnings.catch_warnings():
-        # torch.export's own pytree deprecation noise; nothing a user can act on.
-        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
-        program = _export(wrapper, leaves, device, sig.x64, dims)
-        program = program.run_decompositions({})  # functionalise; keep high-level ops
-        program = _decompose_unlowered(program)
-    return _describe(program)
+    ops: list[torch._ops.OpOverload] = []  # ops kept whole, their shapes from torch (fallback.eager_shapes)
+    while True:
+        with warnings.catch_warnings(), fallback_lib.eager_shapes(ops):
+            # torch.export's own pytree deprecation noise; nothing a user can act on.
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)`")
+            try:
+                program, specialised = _export(wrapper, leaves, device, sig.x64, dims)
+            except CaptureError as e:
+                op = fallback_lib.failing_op(e.__cause__) if e.__cause__ is not None else None
+                if op is None or op in ops or len(ops) >= _MAX_DECOMPOSITION_ROUNDS:
+                    raise
+                ops.append(op)
+                continue
+            program = program.run_decompositions({})  # functionalise; keep high-level ops
+            program = _decompose_unlowered(program, keep=ops)
+        break
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target in ops:
+            node.meta[fallback_lib.KEPT_WHOLE] = True
+    captured = _describe(program)
+    if specialised:
+        specialise.label_assertions(program, *specialised)
+        captured.assumptions = specialised[0]
+    return captured
 
 
 @contextlib.contextmanager
@@ -370,7 +401,12 @@ def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError |
     name = type(e).__name__
     text = str(e)
     reads = any(marker in text for marker in _VALUE_READS)
-    if not reads and "DataDependent" not in name and "data-dependent" not in text:
+    # An op whose fake kernel cannot give its output shapes (aten._ctc_loss,
+    # aten.linalg_lstsq): torch computes them from values.
+    dynamic = name == "DynamicOutputShapeException"
+    # A tensor's value used as a number in a view (narrow with a tensor start).
+    pending = name == "PendingUnbackedSymbolNotFound"
+    if not (reads or dynamic or pending) and "DataDependent" not in name and "data-dependent" not in text:
         return None
     path, source = fallback_lib.locate(e, root)
     where = ""
@@ -388,10 +424,15 @@ def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError |
         f"torch_to_jax with strict=False (the default) runs only submodule '{path}' in torch "
         "and translates the rest; or " if path else ""
     )
+    what = (
+        "reads the values of a tensor in Python" if reads
+        else "calls an op whose output shapes torch computes from tensor values" if dynamic
+        else "uses the value of a tensor as a Python number (an index or a size)" if pending
+        else "makes a Python decision from the value of a tensor"
+    )
     error = CaptureError(
-        f"torch.export cannot capture this code: it "
-        f"{'reads the values of a tensor in Python' if reads else 'makes a Python decision from the value of a tensor'}"
-        f"{where} ({reason}). While capturing, tensor values are unknown, so the "
+        f"torch.export cannot capture this code: it {what}{where} ({reason}). While capturing, "
+        "tensor values are unknown, so the "
         f"branch cannot be translated into one JAX program. Fixes: {submodule}convert with "
         "mode='callback' to run torch itself at run time; or compute both branches and pick "
         "with torch.where (or use torch.cond); or pass the deciding value as a Python "
@@ -401,8 +442,13 @@ def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError |
     return error
 
 
-def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool, dims: Mapping | None) -> ExportedProgram:
-    """torch.export the wrapper, with 32-bit integer inputs widened where torch accepts it."""
+def _export(
+    wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool, dims: Mapping | None
+) -> tuple[ExportedProgram, Any]:
+    """torch.export the wrapper, with 32-bit integer inputs widened where torch accepts it.
+
+    Also returns what `specialise.explore` assumed to capture it (None if nothing).
+    """
     choices = _example_choices(leaves, x64)
     dynamic_shapes = _dynamic_shapes(leaves, dims)
     first_error = None
@@ -419,9 +465,24 @@ def _export(wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool, dim
         for widen in choices:
             examples = tuple(example_tensor(leaf, device, w, dims) for leaf, w in zip(leaves, widen, strict=True))
             try:
-                return torch.export.export(wrapper, examples, dynamic_shapes=dynamic_shapes, strict=False)
+                with specialise.deciding([]) as trace:  # notes the data-dependent guard it stops at
+                    return torch.export.export(wrapper, examples, dynamic_shapes=dynamic_shapes, strict=False), None
             except Exception as e:  # torch's own checks reject a dtype: try the next choice
+                specialise.note_guard(e, trace)
                 first_error = first_error or e
+        # A data-dependent guard on which only one outcome lets torch go on:
+        # assume it, checked at run time (bridge/specialise.py).
+        examples = tuple(example_tensor(leaf, device, w, dims) for leaf, w in zip(leaves, choices[0], strict=True))
+        try:
+            with _no_graph_dumps():  # the failed attempts' partial graphs
+                export = functools.partial(
+                    torch.export.export, wrapper, examples, dynamic_shapes=dynamic_shapes, strict=False)
+                program, assumptions, trace = specialise.explore(specialise.attempt_with(export),
+                    first_error)
+            return program, (assumptions, trace)
+        except Exception as e:
+            if e is not first_error:
+                raise
     finally:
         fake_tensor_log.setLevel(levels[0])
         shapes_log.setLevel(levels[1])
@@ -464,9 +525,12 @@ def _decomposition_for(op: torch._ops.OpOverload) -> Callable | None:
     return None
 
 
-def _decompose_unlowered(program: ExportedProgram) -> ExportedProgram:
-    """Decompose only the ops with no lowering, until none is left to decompose."""
-    failed: set[torch._ops.OpOverload] = set()
+def _decompose_unlowered(program: ExportedProgram, keep: Sequence[torch._ops.OpOverload] = ()) -> ExportedProgram:
+    """Decompose only the ops with no lowering, until none is left to decompose.
+
+    The ops in `keep` (whose decomposition needs tensor values) stay whole.
+    """
+    failed: set[torch._ops.OpOverload] = set(keep)
     for _ in range(_MAX_DECOMPOSITION_ROUNDS):
         table = {}
         for op in _graph_ops(program) - LOWERINGS.keys() - failed - {fallback_lib.OPAQUE_OP}:

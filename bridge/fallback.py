@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import linecache
 import os
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -33,7 +35,10 @@ import torch.utils._pytree as torch_pytree
 
 from bridge.ops.registry import DataDependentShapeError
 
-__all__ = ["OPAQUE_OP", "FallbackError", "Opaque", "Site", "describe", "locate", "lowering", "opaque_forwards", "record"]
+__all__ = [
+    "KEPT_WHOLE", "OPAQUE_OP", "FallbackError", "Opaque", "Site", "describe", "eager_shapes", "failing_op", "locate",
+    "lowering", "opaque_forwards", "record",
+]
 
 
 class FallbackError(RuntimeError):
@@ -312,10 +317,40 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def lowering(node: torch.fx.Node) -> Callable | None:
-    """The lowering of an opaque call node (None for any other node)."""
-    if node.target is not OPAQUE_OP:
-        return None
-    return _LIVE[node.args[0]].lower
+    """The lowering of an opaque call node or of an op kept whole (None for any other node)."""
+    if node.target is OPAQUE_OP:
+        return _LIVE[node.args[0]].lower
+    if node.meta.get(KEPT_WHOLE):
+        return _kept_lowering(node)
+    return None
+
+
+def _kept_lowering(node: torch.fx.Node) -> Callable:
+    """Run an op kept whole (`eager_shapes`) in torch through a callback.
+
+    Its output shapes depend only on input shapes, but torch's fake kernel may
+    not know them (`aten._ctc_loss`): the callback then finds them by running
+    the op on zeros, and checks every run's shapes against them.
+    """
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    from bridge.callback import wrap
+
+    op = node.target
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return op(*args, **kwargs)
+        except DynamicOutputShapeException as e:  # fake tensors: let the callback run it on zeros
+            raise FallbackError(f"{op}: torch's fake kernel cannot give its output shapes") from e
+
+    run.__qualname__ = str(op)
+    jax_fn = wrap(run)
+
+    def lower(ctx: Any, *args: Any, **kwargs: Any) -> Any:
+        return jax_fn(*args, **kwargs)
+
+    return lower
 
 
 @contextlib.contextmanager
@@ -375,3 +410,97 @@ def describe(opaques: Sequence[Opaque]) -> str:
     return "\n".join(
         f"  - '{o.path or '<root>'}' ({type(o.module).__name__}): {o.reason}" for o in opaques
     )
+
+
+# -- one ATen op whose shapes torch computes from values
+
+_CIA = torch._C.DispatchKey.CompositeImplicitAutograd
+KEPT_WHOLE = "bridge_kept_whole"  # node.meta key of an op `eager_shapes` kept whole
+
+
+def failing_op(error: BaseException) -> torch._ops.OpOverload | None:
+    """The ATen op torch.export was recording as one graph node when it stopped, if any.
+
+    torch.export keeps a composite op (`aten.cov`, `aten.corrcoef`) as one node,
+    but computes its output shapes by running its C++ decomposition on fake
+    tensors; a decomposition that checks a value (`aten.equal` in cov's
+    degrees-of-freedom test) stops the capture although the op's output shapes
+    depend only on its input shapes. Returns the outermost such op (a
+    CompositeImplicitAutograd ATen op returning only tensors), or None.
+    """
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        op = frame.f_locals.get("func") if frame.f_code.co_name == "proxy_call" else None
+        if isinstance(op, torch._ops.OpOverload):
+            from torch._export.utils import _is_preservable_cia_op
+
+            returns = [str(r.type) for r in op._schema.returns]
+            # Only ops torch.export keeps as nodes (functional ones, not views such as
+            # narrow.Tensor): for any other the stand-in kernel would be traced.
+            if (op.namespace == "aten" and returns and all(t == "Tensor" for t in returns)
+                    and _is_preservable_cia_op(op)):
+                return op
+            return None
+        tb = tb.tb_next
+    return None
+
+
+def _shapes_by_eager(op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
+    """`op`'s outputs as empty tensors, their shapes from running torch on zeros (or ones)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if get_proxy_mode() is not None:  # traced as the op's decomposition: it would compute nothing
+        raise FallbackError(
+            f"{op}: bridge's shape function for this op was traced as its decomposition; this is "
+            "a bug in bridge, please report it"
+        )
+    leaves = [x for x in torch_pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    device = leaves[0].device if leaves else torch.device("cpu")
+    if any(not isinstance(s, int) for t in leaves for s in t.shape):
+        raise FallbackError(f"{op}: symbolic input shapes; its output shapes cannot be found by running it")
+    errors = []
+    for fill in (0, 1):
+        with unset_fake_temporarily(), torch._C._DisablePythonDispatcher(), torch.no_grad(), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's warnings about the zeros, not the user's inputs
+            real = torch_pytree.tree_map(
+                lambda t, fill=fill: torch.full(tuple(t.shape), fill, dtype=t.dtype) if isinstance(t, torch.Tensor) else t,
+                (args, kwargs))
+            try:
+                out = op._op_dk(_CIA, *real[0], **real[1])
+            except Exception as e:  # e.g. a weight check that zeros fail: try ones
+                errors.append(e)
+                continue
+        return torch_pytree.tree_map(
+            lambda t: torch.empty(tuple(t.shape), dtype=t.dtype, device=device) if isinstance(t, torch.Tensor) else t,
+            out)
+    raise FallbackError(
+        f"{op}: torch.export cannot compute its output shapes, and torch raises on zeros and on ones "
+        f"of the input shapes ({errors[-1]})"
+    ) from errors[-1]
+
+
+@contextlib.contextmanager
+def eager_shapes(ops: Iterable[torch._ops.OpOverload]):
+    """While the block runs, torch.export keeps each of `ops` as one node, its shapes from torch.
+
+    The op's CompositeImplicitAutograd Python kernel (which torch.export reads
+    as the op's shape function, and which a caller holding the capture lock
+    alone uses) is replaced by `_shapes_by_eager`. Its values come from the
+    op's lowering or, outside strict mode, from torch through a callback.
+    """
+    saved = []
+    try:
+        for op in ops:
+            saved.append((op, op.py_kernels.pop(_CIA, _MISSING)))
+            op.py_impl(_CIA)(functools.partial(_shapes_by_eager, op))
+            op._dispatch_cache.clear()
+        yield
+    finally:
+        for op, kernel in reversed(saved):
+            op.py_kernels.pop(_CIA, None)
+            if kernel is not _MISSING:
+                op.py_kernels[_CIA] = kernel
+            op._dispatch_cache.clear()

@@ -41,6 +41,7 @@ from bridge.ops.registry import (
     MissingKeyError,
     RefusedByTorchError,
 )
+from bridge.specialise import SYM_FUNCTIONS
 from bridge.symbolic import Dims, SymbolicShapeError, is_symbolic, same_size
 
 _with_effects = torch.ops.higher_order.with_effects
@@ -155,6 +156,13 @@ def callback_fallback(node: torch.fx.Node) -> Callable:
 
 def _check(node: torch.fx.Node, value: Any, expected: Any, dims: Dims) -> None:
     if isinstance(expected, torch.Tensor):
+        if not all(dims.binds(s) for s in expected.shape):
+            raise DataDependentShapeError(
+                f"{describe_node(node)}: its output shape {tuple(expected.shape)} depends on tensor "
+                "values (a number read from a tensor, e.g. tensor split points), which JAX's static "
+                "shapes cannot express. Pass such numbers as Python values, or run the function "
+                "with mode='callback' outside jax.jit."
+            )
         shape = tuple(dims.size(s) for s in expected.shape)
         dtype = dtypes.canonical_jax_dtype(expected.dtype)
         got_shape = tuple(np.shape(value))
@@ -322,8 +330,14 @@ def run(
             if target is _with_effects:
                 effect_token, target, *args = args
                 val = _effect_outputs(target, val)
+            if not isinstance(target, torch._ops.OpOverload) and is_symbolic(val) and dims.binds(val):
+                env[node] = _size_arithmetic(node, val, dims)  # sizes of symbolic input axes
+                continue
+            if target in SYM_FUNCTIONS:  # arithmetic of a run-time assertion (bridge/specialise.py)
+                env[node] = SYM_FUNCTIONS[target](*args, **kwargs)
+                continue
             if not isinstance(target, torch._ops.OpOverload) and is_symbolic(val):
-                env[node] = _size_arithmetic(node, val, dims)
+                env[node] = _size_arithmetic(node, val, dims)  # raises, naming what it cannot follow
                 continue
             if not isinstance(target, torch._ops.OpOverload):
                 raise UnsupportedOpsError(

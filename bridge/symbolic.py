@@ -130,6 +130,15 @@ class Dims:
         names = {s: sympy.Symbol(str(self.symbols[s.name])) for s in expr.free_symbols if s.name in self.symbols}
         return str(expr.xreplace(names))
 
+    def binds(self, value: Any) -> bool:
+        """Whether `value` (an int, or a torch symbolic value) is known from the inputs' axes.
+
+        False for a size read from tensor values (torch's unbacked symbols, e.g. from
+        `.item()` or `nonzero`), which no input dimension determines."""
+        if not isinstance(value, _SYMBOLIC) or _constant(value):
+            return True
+        return all(s.name in self.symbols for s in value.node.expr.free_symbols)
+
     def size(self, value: Any) -> Any:
         """An int, or the JAX dimension a torch SymInt stands for."""
         if not isinstance(value, _SYMBOLIC):

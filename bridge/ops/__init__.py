@@ -31,6 +31,7 @@ from bridge.ops import (  # noqa: E402,F401  (imported for registration)
     shape,
     sorting,
     special,
+    statistics,
 )
 from bridge.ops.registry import LOWERINGS, LoweringContext, lowering
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from bridge import specialise
 from bridge.ops.registry import lowering
 
 aten = torch.ops.aten
@@ -76,7 +77,12 @@ def _assert(value, message: str) -> None:
 
 @lowering(aten._assert_scalar.default)
 def assert_scalar(ctx, value, assert_msg):
-    _assert(value, assert_msg)
+    if isinstance(value, jax.Array) and ctx.checking:
+        # A value read from a tensor (a specialised guard, bridge/specialise.py):
+        # a run-time check that raises torch's own error.
+        ctx.require(value, specialise.error_type(assert_msg), assert_msg)
+    else:
+        _assert(value, assert_msg)
 
 
 @lowering(aten._assert_async.default, aten._assert_async.msg)
@@ -103,6 +109,10 @@ def functional_assert_scalar(ctx, value, assert_msg, dep_token):
 
 @lowering(aten._local_scalar_dense.default)
 def local_scalar_dense(ctx, x):
+    if specialise.feeds_only_checks(ctx.node):
+        # The value only reaches run-time assertions (a guard specialised at
+        # capture): a traced scalar serves them.
+        return jnp.reshape(x, ())
     raise NotImplementedError(
         f"{ctx.node.target}: the torch code turns a tensor into a Python number (.item(), "
         "int(tensor), float(tensor), or a data-dependent branch); inside a JAX trace the value "

@@ -85,6 +85,11 @@ class LoweringContext:
         self._checks = checks
         self._size = size  # a recorded size (int or torch SymInt) -> int or JAX dimension
 
+    @property
+    def checking(self) -> bool:
+        """Whether `require` records checks (the caller did not pass `checks=False`)."""
+        return self._checks is not None
+
     def require(self, ok: Any, error: type[Exception], message: str) -> None:
         """Record that torch raises `error(message)` at run time unless `ok` holds everywhere.
 
