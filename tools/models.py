@@ -132,7 +132,9 @@ def write(results: Path, seconds: float | None) -> None:
         "do not load beside torch's CPU build; no model here calls them.",
         "",
         f"**{len(passed)} of {len(rows)} pass; {len(translated)} fully translated "
-        f"({100 * len(translated) / max(len(rows), 1):.0f}%), {len(fallback)} with callbacks.**",
+        f"({100 * len(translated) / max(len(rows), 1):.0f}%), {len(fallback)} with callbacks.**"
+        + (f" {len(order) - len(rows)} of the {len(order)} cases have not run yet (listed at the end)."
+           if len(rows) < len(order) else ""),
         "",
         "| model | params (M) | status | callbacks | f64 forward | f64 grad (worst) | f32 fwd / bound "
         "| f32 grad / bound | s |",
@@ -150,6 +152,16 @@ def write(results: Path, seconds: float | None) -> None:
         for r in fallback:
             lines.append(f"- **{r['name']}**: {r.get('callbacks')} callback(s). "
                          + (r.get("fallback", "").replace("\n", " ")[:600] or "ops without a lowering"))
+    loose = [r for r in rows if r.get("f64_grad") and 1e-12 < r["f64_grad"] <= model_zoo.F64_GRAD]
+    if loose:
+        lines += ["", "## float64 gradients that pass but differ by more than 1e-12", "",
+                  "A relative difference near 3e-8 is float32's rounding of 1/6: torch's CPU "
+                  "hardsigmoid backward multiplies by `1.0f / 6.0f` in every dtype, so torch's "
+                  "float64 gradient is the inexact side "
+                  "(`tests/test_ops_regressions.py::test_hardsigmoid_float64_gradient_is_exact_where_torchs_uses_float32_one_sixth`).",
+                  ""]
+        for r in loose:
+            lines.append(f"- {r['name']}: {r['f64_grad']:.2e} (`{r['f64_worst']}`)")
     fds = [r for r in rows if r.get("fd")]
     if fds:
         lines += ["", "## float64 gradient disagreements, decided by finite differences", ""]
@@ -157,6 +169,9 @@ def write(results: Path, seconds: float | None) -> None:
             fd = r["fd"]
             lines.append(f"- {r['name']}: `{fd['param']}`[{fd['index']}]: finite difference "
                          f"{fd['finite_difference']:.6g}, bridge {fd['bridge']:.6g}, torch autograd {fd['torch']:.6g}")
+    missing = [n for n in order if n not in records]
+    if missing:
+        lines += ["", "## Not run yet", "", ", ".join(missing)]
     DOC.write_text("\n".join(lines) + "\n")
     print(f"wrote {DOC}: {len(passed)}/{len(rows)} pass, {len(translated)} fully translated")
 
