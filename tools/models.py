@@ -48,8 +48,21 @@ def run_one(name: str, out: Path) -> None:
     except Exception as e:  # recorded, not raised: the table lists it
         record = {"name": case.name, "family": case.family, "status": f"ERROR: {type(e).__name__}: {e}"[:400],
                   "traceback": traceback.format_exc()[-3000:]}
+    record["commit"] = _commit()
     with out.open("a") as f:  # one short line, appended at once: safe beside other cases
         f.write(json.dumps(record) + "\n")
+
+
+def _commit() -> str:
+    """The checkout's commit, with "+" if the bridge's code differs from it."""
+    git = ["git", "-C", str(ROOT)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "bridge", "adapters"], capture_output=True,
+                               text=True).stdout.strip()
+    except OSError:
+        return ""
+    return head + ("+" if dirty else "")
 
 
 def run_all(names: list[str], out: Path, timeout: float, jobs: int) -> None:
@@ -136,14 +149,14 @@ def write(results: Path, seconds: float | None) -> None:
         + (f" {len(order) - len(rows)} of the {len(order)} cases have not run yet (listed at the end)."
            if len(rows) < len(order) else ""),
         "",
-        "| model | params (M) | status | callbacks | f64 forward | f64 grad (worst) | f32 fwd / bound "
+        "| model | commit | params (M) | status | callbacks | f64 forward | f64 grad (worst) | f32 fwd / bound "
         "| f32 grad / bound | s |",
-        "|---|---:|---|---:|---:|---|---:|---:|---:|",
+        "|---|---|---:|---|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         worst = f"{_fmt(r.get('f64_grad'))} ({r['f64_worst']})" if r.get("f64_worst") else _fmt(r.get("f64_grad"))
         lines.append(
-            f"| {r['name']} | {r.get('params_m', '')} | {r['status'].replace('|', '/')} | {r.get('callbacks', '')} "
+            f"| {r['name']} | {r.get('commit', '')} | {r.get('params_m', '')} | {r['status'].replace('|', '/')} | {r.get('callbacks', '')} "
             f"| {_fmt(r.get('f64_forward'))} | {worst} | {_fmt(r.get('f32_forward_ratio'), '.2f')} "
             f"| {_fmt(r.get('f32_grad_ratio'), '.2f')} | {r.get('seconds', '')} |"
         )
