@@ -35,6 +35,23 @@ def convolve(
         pads = padding
     else:
         pads = [(p, p) for p in expand_ints(padding, nd)]
+    if channels_last and not transposed and groups == 1 and all(k == 1 for k in weight.shape[2:]) and not any(
+        lo or hi for lo, hi in pads
+    ):
+        # A pointwise convolution of channels-last values is a matmul over the
+        # channels: XLA's CPU dot reads torch's (out, in) weight as it is,
+        # where its convolution would first copy the weight into its own
+        # kernel layout on every call.
+        x = x[(slice(None), *(slice(None, None, s) for s in stride))]
+        y = lax.dot_general(
+            x.astype(dtype),
+            weight.reshape(weight.shape[:2]).astype(dtype),
+            (((x.ndim - 1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32 if is_low_float(dtype) else None,
+        )
+        if bias is not None:
+            y = y + bias
+        return (y[0] if unbatched else y).astype(dtype)
     spatial = "DHW"[-nd:]
     act = "N" + spatial + "C" if channels_last else "NC" + spatial
     dn = lax.conv_dimension_numbers(x.shape, weight.shape, (act, "OI" + spatial, act))
