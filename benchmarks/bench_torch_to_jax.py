@@ -72,6 +72,12 @@ from bridge import capture, layout
 LR = 1e-4
 FORWARD_RTOL = 1e-4  # whole-model fp32 tolerance against torch eager
 LOSS_RTOL = 1e-4
+# Loss 1 comes after one SGD update, so float32 rounding of every gradient adds
+# in, scaled by the gradients' size: random-init ResNet-50's first update moves
+# its loss by 0.2 at lr 1e-4, and bench_export measured 5.9e-4 between two
+# compilations of the same program. The gradients themselves are checked
+# exactly in float64 by the tests (tests/test_layout.py, test_nn_layers.py).
+LOSS1_RTOL = 1e-3
 
 
 # --------------------------------------------------------------------------- models
@@ -373,9 +379,9 @@ def bench_train(m: Model, reps: int, warmup: int) -> None:
     # differ from eager's by more than the tolerance).
     for key, losses in j_losses.items():
         for i, (a, b) in enumerate(zip(losses, t_losses["eager"], strict=True)):
-            # loss 1 comes after one update: forward and gradient errors add up
-            tol = LOSS_RTOL * (1 + i)
+            tol = LOSS_RTOL if i == 0 else LOSS1_RTOL
             assert abs(a - b) <= tol * abs(b), f"{m.name}: {key} training loss {i} differs from torch eager: {a} vs {b}"
+    m.results["losses"] = {"eager": t_losses["eager"], **j_losses}
     times = time_interleaved(contenders, reps, warmup)
     m.results["train"] = times
     m.results["train_first"] = {"bridge": t_first, **firsts}
@@ -526,8 +532,10 @@ def render(models: list[Model], mem: dict, mlp: dict, quick: bool, reps: tuple, 
         f"against torch eager (max relative error <= {FORWARD_RTOL:g}), and the first two "
         "training losses of every JAX step against torch eager "
         f"(relative <= {LOSS_RTOL:g} for the first, "
-        f"{2 * LOSS_RTOL:g} for the second, which is taken after one update, so it checks "
-        "gradients and update too).",
+        f"{LOSS1_RTOL:g} for the second, which is taken after one update, so it checks "
+        "gradients and update too; float32 rounding of the gradients, amplified by the size of a "
+        "random-init model's first update, moves it by up to 6e-4 between two compilations of one program, "
+        "see bench_export).",
         "",
         "| model | work | torch eager ms | torch.compile ms | native JAX ms | bridge `jax.jit` ms "
         "| bridge, layout pass off ms | bridge / eager | bridge / compile | bridge / native |",
@@ -600,6 +608,11 @@ def render(models: list[Model], mem: dict, mlp: dict, quick: bool, reps: tuple, 
             f"- {m.name}, conversion memory: peak RSS growth {r['trace']:,.1f} MiB through capture "
             f"against {limit:,.1f} MiB (10% of {r['weights_mib']:,.1f} MiB of weights): {met}"
         )
+    for m in models:
+        losses = m.results["losses"]
+        ref = losses["eager"][1]
+        diffs = ", ".join(f"{k} {abs(v[1] - ref) / abs(ref):.1e}" for k, v in losses.items() if k != "eager")
+        targets.append(f"- {m.name}, loss after one update against torch eager (no target): {diffs}")
     ratio = med_ms(mlp["translated"]) / med_ms(mlp["hand"])
     lines += [
         "",
