@@ -136,3 +136,15 @@ def test_train_mode_batch_norm_state_and_gradients_match_torch(pass_on):
 def test_decision_is_per_backend():
     assert layout.CHANNELS_LAST["cpu"] is True
     assert not any(layout.CHANNELS_LAST[b] for b in ("gpu", "cuda", "rocm", "tpu"))
+
+
+def test_strided_pointwise_convolution_as_a_dot_has_torch_gradients(pass_on):
+    """ResNet's shortcut: a 1x1 stride-2 convolution (lowered as a dot over the
+    channels of every second pixel) on an odd-sized input, in float64."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 1, stride=2), nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    apply, params = bridge.torch_to_jax(net)
+    assert _conv_layouts(apply, params, bridge.to_jax(x)) == ["NHWC"]
+    result = float64_gradients(net, args=(x,), wrt_args=(0,))
+    result.check(floor_frac=0.01)
