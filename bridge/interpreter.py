@@ -32,7 +32,7 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.node import map_arg
 
-from bridge import dtypes
+from bridge import dtypes, layout
 from bridge.checks import Check
 from bridge.ops import LOWERINGS
 from bridge.ops.registry import (
@@ -314,6 +314,8 @@ def run(
     env: dict[torch.fx.Node, Any] = {}
     placeholders = iter(inputs)
     dims = Dims()  # torch's size symbols -> the inputs' (possibly symbolic) JAX dimensions
+    # bridge/layout.py: convolutional regions run channels-last where the backend is faster so.
+    channels_last = layout.enabled()
     for index, node in enumerate(graph_module.graph.nodes):
         if node.op == "placeholder":
             env[node] = _token(node) if node.name in token_inputs else next(placeholders)
@@ -344,7 +346,11 @@ def run(
                     f"graph node {describe_node(node)} is not an ATen op ({type(target).__name__}); "
                     "bridge cannot translate it. Use mode='callback'."
                 )
-            lower = LOWERINGS.get(target)
+            lower = layout.rule(target, args, kwargs) if channels_last else None
+            if lower is None:
+                if channels_last:
+                    args, kwargs = layout.torch_layout(args), layout.torch_layout(kwargs)
+                lower = LOWERINGS.get(target)
             if lower is None:
                 if fallback is None:
                     raise unsupported_error([node])
@@ -357,7 +363,7 @@ def run(
                 out = (effect_token, *out) if isinstance(out, (tuple, list)) else (effect_token, out)
             env[node] = out
         elif node.op == "output":
-            outs = list(map_arg(node.args[0], env.__getitem__))
+            outs = layout.torch_layout(list(map_arg(node.args[0], env.__getitem__)))
             if len(token_outputs) == len(outs):
                 outs = [v for v, token in zip(outs, token_outputs, strict=True) if not token]
             return outs

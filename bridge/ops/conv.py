@@ -17,10 +17,14 @@ from bridge.ops.registry import lowering
 aten = torch.ops.aten
 
 
-def convolve(dtype, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+def convolve(
+    dtype, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, channels_last=False
+):
     """torch's convolution in `dtype`: N-d, grouped, dilated, transposed, batched or not.
 
-    `padding` is a list of per-dim ints or a (low, high) pair list.
+    `padding` is a list of per-dim ints or a (low, high) pair list. With
+    `channels_last`, `x` and the result hold the channels last ((N, *spatial, C),
+    bridge/layout.py); the weight keeps torch's layout.
     """
     nd = weight.ndim - 2
     unbatched = x.ndim == nd + 1
@@ -31,8 +35,26 @@ def convolve(dtype, x, weight, bias, stride, padding, dilation, transposed, outp
         pads = padding
     else:
         pads = [(p, p) for p in expand_ints(padding, nd)]
+    if channels_last and not transposed and groups == 1 and all(k == 1 for k in weight.shape[2:]) and not any(
+        lo or hi for lo, hi in pads
+    ):
+        # A pointwise convolution of channels-last values is a matmul over the
+        # channels: XLA's CPU dot reads torch's (out, in) weight as it is,
+        # where its convolution would first copy the weight into its own
+        # kernel layout on every call.
+        x = x[(slice(None), *(slice(None, None, s) for s in stride))]
+        y = lax.dot_general(
+            x.astype(dtype),
+            weight.reshape(weight.shape[:2]).astype(dtype),
+            (((x.ndim - 1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32 if is_low_float(dtype) else None,
+        )
+        if bias is not None:
+            y = y + bias
+        return (y[0] if unbatched else y).astype(dtype)
     spatial = "DHW"[-nd:]
-    dn = lax.conv_dimension_numbers(x.shape, weight.shape, ("NC" + spatial, "OI" + spatial, "NC" + spatial))
+    act = "N" + spatial + "C" if channels_last else "NC" + spatial
+    dn = lax.conv_dimension_numbers(x.shape, weight.shape, (act, "OI" + spatial, act))
     kernel = weight.shape[2:]
     if transposed:
         # (in, out/g, *k) -> (out, in/g, *k), spatially flipped: a transposed
@@ -61,15 +83,22 @@ def convolve(dtype, x, weight, bias, stride, padding, dilation, transposed, outp
         preferred_element_type=jnp.float32 if is_low_float(dtype) else None,
     )
     if bias is not None:
-        y = y + bias.reshape((-1,) + (1,) * nd)
+        y = y + (bias if channels_last else bias.reshape((-1,) + (1,) * nd))
     if unbatched:
         y = y[0]
     return y.astype(dtype)
 
 
+# `channels_last=True`: `x` and the result are channels-last; only bridge/layout.py passes it.
+
+
 @lowering(aten.convolution.default)
-def convolution(ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-    return convolve(ctx.dtype, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+def convolution(
+    ctx, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, channels_last=False
+):
+    return convolve(
+        ctx.dtype, x, weight, bias, stride, padding, dilation, transposed, output_padding, groups, channels_last
+    )
 
 
 @lowering(aten._convolution.default, aten._convolution.deprecated)
@@ -78,8 +107,8 @@ def _convolution(ctx, x, weight, bias, stride, padding, dilation, transposed, ou
 
 
 @lowering(aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
-def conv(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    return convolve(ctx.dtype, x, weight, bias, stride, padding, dilation, False, 0, groups)
+def conv(ctx, x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, channels_last=False):
+    return convolve(ctx.dtype, x, weight, bias, stride, padding, dilation, False, 0, groups, channels_last)
 
 
 @lowering(aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
@@ -97,5 +126,7 @@ def conv_padding_mode(ctx, x, weight, bias=None, stride=1, padding="valid", dila
 
 
 @lowering(aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
-def conv_transpose(ctx, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
-    return convolve(ctx.dtype, x, weight, bias, stride, padding, dilation, True, output_padding, groups)
+def conv_transpose(
+    ctx, x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, channels_last=False
+):
+    return convolve(ctx.dtype, x, weight, bias, stride, padding, dilation, True, output_padding, groups, channels_last)

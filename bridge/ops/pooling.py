@@ -56,7 +56,10 @@ def _lowest(dtype):
 
 
 @lowering(aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default)
-def max_pool(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+def max_pool(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False, channels_last=False):
+    # channels_last: `x` and the result are (N, *spatial, C); only bridge/layout.py passes it.
+    if channels_last:
+        return max_pool_channels_last(x, ctx.shape, kernel_size, stride, padding, dilation)
     kernel, stride, _, dilation, _, pads, lead = _pool_geometry(x, ctx.shape, kernel_size, stride, padding, dilation)
     return lax.reduce_window(
         x,
@@ -66,6 +69,23 @@ def max_pool(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=Fa
         (1,) * lead + stride,
         [(0, 0)] * lead + pads,
         window_dilation=(1,) * lead + dilation,
+    )
+
+
+def max_pool_channels_last(x, out_shape, kernel_size, stride=(), padding=0, dilation=1):
+    """`max_pool` of a batched (N, *spatial, C) `x` (bridge/layout.py); `out_shape` is torch's (N, C, *spatial)."""
+    torch_order = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1], *x.shape[1:-1]), x.dtype)
+    kernel, stride, _, dilation, _, pads, _ = _pool_geometry(
+        torch_order, out_shape, kernel_size, stride, padding, dilation
+    )
+    return lax.reduce_window(
+        x,
+        np.array(_lowest(x.dtype), x.dtype),
+        lax.max,
+        (1, *kernel, 1),
+        (1, *stride, 1),
+        [(0, 0), *pads, (0, 0)],
+        window_dilation=(1, *dilation, 1),
     )
 
 
@@ -170,15 +190,20 @@ def _adaptive_windows(n: int, o: int) -> tuple[np.ndarray, np.ndarray]:
     aten._adaptive_avg_pool2d.default,
     aten._adaptive_avg_pool3d.default,
 )
-def adaptive_avg_pool(ctx, x, output_size):
+def adaptive_avg_pool(ctx, x, output_size, channels_last=False):
+    # channels_last: `x` and the result are (N, *spatial, C); only bridge/layout.py passes it.
+    if channels_last:
+        out_shape = (ctx.shape[0], *ctx.shape[2:], ctx.shape[1])
+        return adaptive_average_pool(x, out_shape, ctx.dtype, len(output_size), range(1, x.ndim - 1))
     return adaptive_average_pool(x, ctx.shape, ctx.dtype, len(output_size))
 
 
-def adaptive_average_pool(x, out_shape, dtype, nd):
-    """torch's adaptive_avg_pool of the last `nd` dims of `x` to `out_shape`."""
+def adaptive_average_pool(x, out_shape, dtype, nd, spatial_axes=None):
+    """torch's adaptive_avg_pool of the last `nd` dims of `x` (or `spatial_axes`) to `out_shape`
+    (in `x`'s layout)."""
     acc = accumulation_dtype(dtype)
     y = x.astype(acc)
-    for axis in range(x.ndim - nd, x.ndim):
+    for axis in spatial_axes or range(x.ndim - nd, x.ndim):
         n, o = y.shape[axis], out_shape[axis]
         if n % o == 0:  # equal windows: a reshape and a mean
             y = jnp.mean(y.reshape(y.shape[:axis] + (o, n // o) + y.shape[axis + 1 :]), axis=axis + 1)
