@@ -409,6 +409,8 @@ TIMM_MODELS = {
     "MLP-style": ["mixer_s16_224", "resmlp_12_224", "gmlp_ti16_224"],
     "recurrent": ["sequencer2d_s"],
 }
+#: Input sides where 64x64 is too small for torch itself (timm's default input is 224 or more).
+_TIMM_SIZE = {"inception_v3": 96, "bat_resnext26ts": 128}
 #: Reduced depth for architectures timm only has in large sizes (same blocks, fewer of them).
 _TIMM_KWARGS = {"beit_base_patch16_224": {"depth": 2}, "beitv2_base_patch16_224": {"depth": 2}}
 
@@ -428,7 +430,8 @@ def _timm_case(timm, family: str, name: str, known: set[str]) -> Case:
     cfg = cfg.to_dict() if cfg is not None else {}
     size = cfg.get("input_size", (3, 224, 224))
     if not cfg.get("fixed_input_size", False):
-        size = (size[0], 64, 64)
+        side = _TIMM_SIZE.get(name, 64)
+        size = (size[0], side, side)
     kwargs = dict(pretrained=False, **_TIMM_KWARGS.get(name, {}))
     return Case(f"timm/{name}", f"timm {family}", lambda: timm.create_model(name, **kwargs),
                 _image(2, *size))
