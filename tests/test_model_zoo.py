@@ -5,11 +5,17 @@ there; see tests/model_zoo.py): `make test` runs this file a second time in
 .venv-models, where they are, and here it is skipped.
 """
 
+import importlib.util
+
 import pytest
 
-pytest.importorskip("timm", reason="the model sweep runs in .venv-models (make test-models)")
+if importlib.util.find_spec("timm") is None or importlib.util.find_spec("torchvision") is None:
+    pytest.skip("the model sweep runs in .venv-models (make test-models)", allow_module_level=True)
 
 import model_zoo  # noqa: E402
+
+# Before timm: its import imports torchvision, which needs the op schemas this defines.
+model_zoo.import_torchvision()
 
 FAST = [model_zoo.find_case(name) for name in model_zoo.FAST]
 #: Cases that cannot be captured whole and must say so with a callback.
