@@ -197,7 +197,8 @@ def main() -> None:
     ap.add_argument("--write-only", action="store_true")
     ap.add_argument("--timeout", type=float, default=1200.0, help="seconds per case")
     ap.add_argument("--list", action="store_true")
-    ap.add_argument("--resume", action="store_true", help="keep the results file; skip the cases it has")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the results file; skip the cases it has without an error")
     ap.add_argument("--jobs", type=int, default=1, help="cases run at a time (each single-threaded when > 1)")
     a = ap.parse_args()
     if a.one:
@@ -212,7 +213,8 @@ def main() -> None:
     if not a.write_only:
         a.results.parent.mkdir(parents=True, exist_ok=True)
         if a.resume and a.results.exists():
-            done = {json.loads(line)["name"] for line in a.results.read_text().splitlines()}
+            records = [json.loads(line) for line in a.results.read_text().splitlines()]
+            done = {r["name"] for r in records if not r["status"].startswith("ERROR")}  # errors run again
             names = [n for n in names if n not in done]
         elif not a.k and a.results.exists():
             a.results.unlink()
