@@ -9,7 +9,9 @@ compares with torch eager:
   random projection of every output, with respect to every parameter and
   the input) must agree with torch to `F64_FORWARD` / `F64_GRAD`, relative to
   each tensor's largest magnitude. Rounding is ~1e-16 there, so this is an
-  exactness check. Where a gradient disagrees, a central finite difference of
+  exactness check, except in a chaotic net, where torch's own result moves
+  further when the input moves by a few ulps: then `COND_MARGIN` times that
+  movement is allowed (`conditioning`). Where a gradient disagrees, a central finite difference of
   torch's own float64 forward decides which side is right (torch's autograd
   is not always: see `finite_difference`), and the case records it.
 - float32: deep random-init nets amplify rounding, so no fixed tolerance is
@@ -49,6 +51,10 @@ F64_FORWARD = 1e-9
 F64_GRAD = 1e-7
 #: float32: |bridge32 - torch64| <= F32_MARGIN * |torch32 - torch64| + F32_FLOOR * |torch64| (norms).
 F32_MARGIN = 4.0
+#: float64: also allowed, this many times how far torch's own result moves when the input
+#: moves by COND_STEP (relative): the model's conditioning (see `conditioning`).
+COND_MARGIN = 10.0
+COND_STEP = 1e-15
 F32_FLOOR = 1e-5
 
 
@@ -202,6 +208,27 @@ def _f32_ok(b32: np.ndarray, t32: torch.Tensor, t64: torch.Tensor) -> tuple[bool
     return eb <= bound, (eb / bound if bound > 0 else (0.0 if eb == 0 else math.inf))
 
 
+def conditioning(model64: torch.nn.Module, args64: tuple, weights: list[torch.Tensor],
+                 out64: list[torch.Tensor], grad64: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """How much torch's own float64 results move when the input moves by a few ulps.
+
+    Deep random-init nets (BatchNorm statistics randomised) can be chaotic: in
+    timm's efficientnetv2_rw_t a 1e-15 relative change of the input moves torch's
+    float64 output by 3e-6 and a gradient by 5e-4. Two correct float64 programs
+    that round differently then differ by as much, so the float64 check allows
+    `COND_MARGIN` times this movement (and never less than F64_FORWARD / F64_GRAD)."""
+    inputs = _float_inputs(args64)
+    if not inputs:
+        return 0.0, {}
+    gen = torch.Generator().manual_seed(7)
+    moved = tuple(a * (1 + COND_STEP * torch.randn(a.shape, generator=gen, dtype=a.dtype)) if i in inputs else a
+                  for i, a in enumerate(args64))
+    out, grads, _ = torch_reference(model64, moved, weights)
+    d_out = max((_rel(o.numpy(), t) for o, t in zip(out, out64, strict=True)), default=0.0)
+    d_grad = {n: _rel(g.numpy(), grad64[n]) for n, g in grads.items() if n in grad64}
+    return d_out, d_grad
+
+
 def finite_difference(model64: torch.nn.Module, args64: tuple, weights: list[torch.Tensor], name: str,
                       index: int, eps: float = 1e-6) -> float:
     """d loss / d name[index] by a central difference of torch's float64 forward."""
@@ -239,18 +266,22 @@ def check(case: Case, seed: int = 0) -> dict:
     t_out64, t_grad64, weights = torch_reference(m64, args64, None)
     t_out32, t_grad32, _ = torch_reference(model, args, weights)
 
-    # float64: exactness.
+    # float64: exactness, to the model's own float64 conditioning.
+    cond_out, cond_grad = conditioning(m64, args64, weights, t_out64, t_grad64)
     with jax.enable_x64(True):
         b_out64, b_grad64, calls64, _ = bridge_run(copy.deepcopy(m64), args64, weights)
     fwd64 = max((_rel(b, t) for b, t in zip(b_out64, t_out64, strict=True)), default=0.0)
     if len(b_out64) != len(t_out64):
         fwd64 = math.inf
     grad64 = {n: _rel(b_grad64.get(n, np.zeros(0)), g) for n, g in t_grad64.items()}
-    worst = max(grad64, key=grad64.get) if grad64 else None
+    bounds = {n: max(F64_GRAD, COND_MARGIN * cond_grad.get(n, 0.0)) for n in grad64}
+    worst = max(grad64, key=lambda n: grad64[n] / bounds[n]) if grad64 else None
     record["f64_forward"] = fwd64
+    record["f64_forward_bound"] = max(F64_FORWARD, COND_MARGIN * cond_out)
     record["f64_grad"] = grad64[worst] if worst else 0.0
+    record["f64_grad_bound"] = bounds[worst] if worst else F64_GRAD
     record["f64_worst"] = worst
-    if worst and grad64[worst] > F64_GRAD and np.shape(b_grad64.get(worst)) == tuple(t_grad64[worst].shape):
+    if worst and grad64[worst] > bounds[worst] and np.shape(b_grad64.get(worst)) == tuple(t_grad64[worst].shape):
         # Who is right? A finite difference of torch's float64 forward at the worst element.
         diff = np.abs(np.asarray(b_grad64[worst]) - t_grad64[worst].numpy()).reshape(-1)
         idx = int(np.argmax(diff))
@@ -307,12 +338,12 @@ def near_kinks(model: torch.nn.Module, args: tuple) -> str:
 def verdict(r: dict) -> str:
     """"pass", or what failed."""
     bad = []
-    if not r["f64_forward"] <= F64_FORWARD:
+    if not r["f64_forward"] <= r.get("f64_forward_bound", F64_FORWARD):
         bad.append("f64 forward")
-    if not r["f64_grad"] <= F64_GRAD:
+    if not r["f64_grad"] <= r.get("f64_grad_bound", F64_GRAD):
         fd = r.get("fd")
-        torch_wrong = fd and abs(fd["bridge"] - fd["finite_difference"]) <= 1e-4 * max(1.0, abs(fd["finite_difference"])) \
-            and abs(fd["torch"] - fd["finite_difference"]) > 1e-4 * max(1.0, abs(fd["finite_difference"]))
+        # torch is the wrong side when the finite difference is far closer to the bridge.
+        torch_wrong = fd and abs(fd["torch"] - fd["finite_difference"]) > 10 * abs(fd["bridge"] - fd["finite_difference"])
         bad.append("f64 grad (torch autograd is the wrong side)" if torch_wrong else "f64 grad")
     if not r["f32_forward_ratio"] <= 1.0:
         bad.append("f32 forward")

@@ -132,7 +132,10 @@ def write(results: Path, seconds: float | None) -> None:
         "against torch eager and `torch.autograd`.",
         f"- **float64** (x64, `model.double()`): the largest difference relative to the tensor's largest "
         f"magnitude must be at most {model_zoo.F64_FORWARD:g} (outputs) and {model_zoo.F64_GRAD:g} "
-        "(gradients; the worst parameter is named). Where a gradient disagrees, a central finite "
+        "(gradients; the worst parameter is named), or, in a chaotic net, "
+        f"{model_zoo.COND_MARGIN:g} times how far torch's own float64 result moves when the input "
+        f"moves by {model_zoo.COND_STEP:g} (relative; some random-init nets with randomised BatchNorm "
+        "statistics move by 1e-6 and more). Where a gradient disagrees, a central finite "
         "difference of torch's float64 forward decides which side is right.",
         f"- **float32**: the bridge must be no farther from torch's float64 result than torch's own "
         f"float32 result is, times {model_zoo.F32_MARGIN:g}, plus {model_zoo.F32_FLOOR:g} of the "
