@@ -178,6 +178,14 @@ def write(results: Path, seconds: float | None) -> None:
                   ""]
         for r in loose:
             lines.append(f"- {r['name']}: {r['f64_grad']:.2e} (`{r['f64_worst']}`)")
+    islands = [r for r in rows if r.get("float32_islands")]
+    if islands:
+        lines += ["", "## Models that compute parts in float32 in float64 mode", "",
+                  "torch's float64 forward takes float64 values to float32 here (the model casts "
+                  "itself), so those parts are float32-exact on both sides; their float64 check uses "
+                  f"tests/numerics.py's island tolerance ({model_zoo.GRAD64_ISLAND_RTOL:g}).", ""]
+        for r in islands:
+            lines.append(f"- {r['name']}: {', '.join(r['float32_islands'])}")
     fds = [r for r in rows if r.get("fd")]
     if fds:
         lines += ["", "## float64 gradient disagreements, decided by finite differences", ""]
