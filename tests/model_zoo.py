@@ -473,7 +473,7 @@ TIMM_MODELS = {
     "recurrent": ["sequencer2d_s"],
 }
 #: Input sides where 64x64 is too small for torch itself (timm's default input is 224 or more).
-_TIMM_SIZE = {"inception_v3": 96, "bat_resnext26ts": 256}
+_TIMM_SIZE = {"inception_v3": 96, "bat_resnext26ts": 256, "halonet26t": 256}
 #: Reduced depth for architectures timm only has in large sizes (same blocks, fewer of them).
 _TIMM_KWARGS = {"beit_base_patch16_224": {"depth": 2}, "beitv2_base_patch16_224": {"depth": 2}}
 
