@@ -142,6 +142,8 @@ def write(results: Path, seconds: float | None) -> None:
         "tensor's norm (per tensor, in norms); the columns give the bridge's distance over that bound "
         "(at most 1 passes).",
         "- **callbacks**: `torch_call` equations in the traced program (0: fully translated).",
+        "- **commit**: the commit each case ran at (`+`: with uncommitted changes); blank for results "
+        "recorded before results named their commit.",
         "- The torchvision classification models are every one `torchvision.models.list_models` lists "
         "with at most 40M parameters. torchvision is imported with two op schemas defined first "
         "(`torchvision::nms`, `torchvision::qnms`), because PyPI's wheel is a CUDA build whose C ops "
@@ -181,8 +183,9 @@ def write(results: Path, seconds: float | None) -> None:
     islands = [r for r in rows if r.get("float32_islands")]
     if islands:
         lines += ["", "## Models that compute parts in float32 in float64 mode", "",
-                  "torch's float64 forward takes float64 values to float32 here (the model casts "
-                  "itself), so those parts are float32-exact on both sides; their float64 check uses "
+                  "torch's float64 forward computes these ops in float32 here (the model casts to "
+                  "float32 or creates float32 values itself), so those parts carry float32 rounding "
+                  "on both sides; their float64 check uses "
                   f"tests/numerics.py's island tolerance ({model_zoo.GRAD64_ISLAND_RTOL:g}).", ""]
         for r in islands:
             lines.append(f"- {r['name']}: {', '.join(r['float32_islands'])}")
@@ -192,7 +195,7 @@ def write(results: Path, seconds: float | None) -> None:
         for r in fds:
             fd = r["fd"]
             lines.append(f"- {r['name']}: `{fd['param']}`[{fd['index']}]: finite difference "
-                         f"{fd['finite_difference']:.6g}, bridge {fd['bridge']:.6g}, torch autograd {fd['torch']:.6g}")
+                         f"{fd['finite_difference']:.10g}, bridge {fd['bridge']:.10g}, torch autograd {fd['torch']:.10g}")
     missing = [n for n in order if n not in records]
     if missing:
         lines += ["", "## Not run yet", "", ", ".join(missing)]
