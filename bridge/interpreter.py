@@ -289,6 +289,25 @@ def _size_arithmetic(node: torch.fx.Node, val: Any, dims: Dims) -> Any:
         ) from e
 
 
+def _python_node(node: torch.fx.Node, target: Any, args: Any, kwargs: Any, val: Any, dims: Dims) -> Any:
+    """A graph node that calls a Python function (`operator.mul`, `torch.sym_not`), not an ATen op.
+
+    Arithmetic on the sizes of symbolic input axes follows the inputs' dimensions
+    (dynamic_shapes); arithmetic on a value read from a tensor feeds a run-time
+    assertion (bridge/specialise.py) and is computed on JAX scalars.
+    """
+    if is_symbolic(val) and dims.binds(val):
+        return _size_arithmetic(node, val, dims)
+    if target in SYM_FUNCTIONS:
+        return SYM_FUNCTIONS[target](*args, **kwargs)
+    if is_symbolic(val):
+        return _size_arithmetic(node, val, dims)  # raises, naming what it cannot follow
+    raise UnsupportedOpsError(
+        f"graph node {describe_node(node)} is not an ATen op ({type(target).__name__}); "
+        "bridge cannot translate it. Use mode='callback'."
+    )
+
+
 def run(
     program: torch.export.ExportedProgram,
     inputs: Sequence[Any],
@@ -332,20 +351,9 @@ def run(
             if target is _with_effects:
                 effect_token, target, *args = args
                 val = _effect_outputs(target, val)
-            if not isinstance(target, torch._ops.OpOverload) and is_symbolic(val) and dims.binds(val):
-                env[node] = _size_arithmetic(node, val, dims)  # sizes of symbolic input axes
-                continue
-            if target in SYM_FUNCTIONS:  # arithmetic of a run-time assertion (bridge/specialise.py)
-                env[node] = SYM_FUNCTIONS[target](*args, **kwargs)
-                continue
-            if not isinstance(target, torch._ops.OpOverload) and is_symbolic(val):
-                env[node] = _size_arithmetic(node, val, dims)  # raises, naming what it cannot follow
-                continue
             if not isinstance(target, torch._ops.OpOverload):
-                raise UnsupportedOpsError(
-                    f"graph node {describe_node(node)} is not an ATen op ({type(target).__name__}); "
-                    "bridge cannot translate it. Use mode='callback'."
-                )
+                env[node] = _python_node(node, target, args, kwargs, val, dims)
+                continue
             lower = layout.rule(target, args, kwargs) if channels_last else None
             if lower is None:
                 if channels_last:

@@ -17,6 +17,7 @@ lowering that did.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -53,7 +54,7 @@ _NARY = {
 
 
 def _equal(a: Any, b: Any) -> bool:
-    """`a == b` for every value of the symbols, False if for none; else JAX's inconclusive error.
+    """`a == b` for every value of the symbols, False if for none; else `SymbolicShapeError`.
 
     (JAX's own `==` on dimensions says False when it cannot prove equality, which would turn
     `Ne(s0, 1)` into True for a size that may be 1.)
@@ -61,18 +62,13 @@ def _equal(a: Any, b: Any) -> bool:
     diff = a - b
     if isinstance(diff, int) or a == b:
         return diff == 0
-    return not (diff >= 1 or diff <= -1 or _undecided(a, b))
-
-
-def _undecided(a: Any, b: Any) -> bool:
+    if diff >= 1 or diff <= -1:
+        return False
     raise SymbolicShapeError(f"whether {a} == {b} depends on the values of the symbolic dimensions")
 
 
 def _fold(op: Any, xs: list) -> Any:
-    out = xs[0]
-    for x in xs[1:]:
-        out = op(out, x)
-    return out
+    return functools.reduce(op, xs)
 
 
 class SymbolicShapeError(NotImplementedError):
@@ -167,9 +163,9 @@ class Dims:
             return bool(expr)
         if isinstance(expr, sympy.Pow) and isinstance(expr.exp, sympy.Integer) and expr.exp >= 0:
             return _fold(operator.mul, [self._evaluate(expr.base)] * int(expr.exp) or [1])
-        for kind, fn in _NARY.items():
-            if type(expr) is kind:
-                return fn([self._evaluate(a) for a in expr.args])
+        fn = _NARY.get(type(expr))
+        if fn is not None:
+            return fn([self._evaluate(a) for a in expr.args])
         raise SymbolicShapeError(f"the size expression {expr} has no JAX dimension equivalent")
 
 
