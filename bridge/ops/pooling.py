@@ -58,34 +58,20 @@ def _lowest(dtype):
 @lowering(aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default)
 def max_pool(ctx, x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False, channels_last=False):
     # channels_last: `x` and the result are (N, *spatial, C); only bridge/layout.py passes it.
-    if channels_last:
-        return max_pool_channels_last(x, ctx.shape, kernel_size, stride, padding, dilation)
-    kernel, stride, _, dilation, _, pads, lead = _pool_geometry(x, ctx.shape, kernel_size, stride, padding, dilation)
+    # The geometry is read in torch's order; the window then walks the middle axes.
+    torch_order = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1], *x.shape[1:-1]), x.dtype) if channels_last else x
+    kernel, stride, _, dilation, _, pads, lead = _pool_geometry(
+        torch_order, ctx.shape, kernel_size, stride, padding, dilation
+    )
+    before, after = ((1,), (1,)) if channels_last else ((1,) * lead, ())
     return lax.reduce_window(
         x,
         np.array(_lowest(x.dtype), x.dtype),  # a concrete identity selects reduce_window_max
         lax.max,
-        (1,) * lead + kernel,
-        (1,) * lead + stride,
-        [(0, 0)] * lead + pads,
-        window_dilation=(1,) * lead + dilation,
-    )
-
-
-def max_pool_channels_last(x, out_shape, kernel_size, stride=(), padding=0, dilation=1):
-    """`max_pool` of a batched (N, *spatial, C) `x` (bridge/layout.py); `out_shape` is torch's (N, C, *spatial)."""
-    torch_order = jax.ShapeDtypeStruct((x.shape[0], x.shape[-1], *x.shape[1:-1]), x.dtype)
-    kernel, stride, _, dilation, _, pads, _ = _pool_geometry(
-        torch_order, out_shape, kernel_size, stride, padding, dilation
-    )
-    return lax.reduce_window(
-        x,
-        np.array(_lowest(x.dtype), x.dtype),
-        lax.max,
-        (1, *kernel, 1),
-        (1, *stride, 1),
-        [(0, 0), *pads, (0, 0)],
-        window_dilation=(1, *dilation, 1),
+        before + kernel + after,
+        before + stride + after,
+        [(0, 0)] * len(before) + pads + [(0, 0)] * len(after),
+        window_dilation=before + dilation + after,
     )
 
 
