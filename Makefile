@@ -46,7 +46,7 @@ test: venv venv-models
 	# Includes the float32 OpInfo sweep (tests/test_opinfo.py), OPINFO_SAMPLES samples per entry.
 	BRIDGE_OPINFO_SAMPLES=$(OPINFO_SAMPLES) $(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 	# The model-library subset runs where torchvision and timm are installed.
-	$(MODELS_PY) -m pytest -n $(TEST_WORKERS) -p no:cacheprovider tests/test_model_zoo.py
+	$(MODELS_TEST)
 
 bench: venv
 	$(PY) benchmarks/run.py
@@ -110,6 +110,7 @@ test-torchless: venv venv-torchless
 MODELS_KEY = $(shell cat constraints.txt constraints-models.txt pyproject.toml | sha256sum | cut -c1-16)
 MODELS_VENV = $(XLA_CACHE)/venv-models-$(MODELS_KEY)
 MODELS_PY = .venv-models/bin/python
+MODELS_TEST = $(MODELS_PY) -m pytest -n $(TEST_WORKERS) -p no:cacheprovider tests/test_model_zoo.py
 
 .PHONY: venv-models models test-models
 
@@ -132,7 +133,7 @@ models: venv-models
 	$(MODELS_PY) tools/models.py --jobs $(TEST_WORKERS) $(MODELS_ARGS)
 
 test-models: venv-models
-	$(MODELS_PY) -m pytest -n $(TEST_WORKERS) -p no:cacheprovider tests/test_model_zoo.py $(PYTEST_ARGS)
+	$(MODELS_TEST) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-xla .venv-torchless .venv-models build *.egg-info .pytest_cache .hypothesis
