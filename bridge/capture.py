@@ -162,6 +162,11 @@ def example_tensor(
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+def _examples(leaves: list[Leaf], device, widen: Sequence[bool], dims: Mapping | None) -> tuple[torch.Tensor, ...]:
+    """One example tensor per array leaf (`widen`: per leaf, whether to widen it)."""
+    return tuple(example_tensor(leaf, device, w, dims) for leaf, w in zip(leaves, widen, strict=True))
+
+
 def _symbolic(d: Any, dims: Mapping[str, SymbolicDim] | None) -> SymbolicDim:
     """The `SymbolicDim` of a JAX symbolic dimension that is one variable."""
     name = str(d)
@@ -286,7 +291,7 @@ def _capture_around(
     """Capture with the innermost submodules that stop torch.export made opaque."""
     wrapper, leaves, device = _wrapped(module, call, sig)
     choice = _example_choices(leaves, sig.x64)[0]
-    examples = [example_tensor(leaf, device, w, dims) for leaf, w in zip(leaves, choice, strict=True)]
+    examples = _examples(leaves, device, choice, dims)
     try:
         recording = fallback_lib.record(module, lambda: wrapper(*examples))
     except Exception as e:
@@ -463,7 +468,7 @@ def _export(
     shapes_log.setLevel(logging.ERROR)
     try:
         for widen in choices:
-            examples = tuple(example_tensor(leaf, device, w, dims) for leaf, w in zip(leaves, widen, strict=True))
+            examples = _examples(leaves, device, widen, dims)
             try:
                 with specialise.deciding([]) as trace:  # notes the data-dependent guard it stops at
                     return torch.export.export(wrapper, examples, dynamic_shapes=dynamic_shapes, strict=False), None
@@ -472,7 +477,7 @@ def _export(
                 first_error = first_error or e
         # A data-dependent guard on which only one outcome lets torch go on:
         # assume it, checked at run time (bridge/specialise.py).
-        examples = tuple(example_tensor(leaf, device, w, dims) for leaf, w in zip(leaves, choices[0], strict=True))
+        examples = _examples(leaves, device, choices[0], dims)
         try:
             with _no_graph_dumps():  # the failed attempts' partial graphs
                 export = functools.partial(
