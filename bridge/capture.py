@@ -38,7 +38,7 @@ from torch._decomp import core_aten_decompositions
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from bridge import dtypes, specialise
+from bridge import constants, dtypes, specialise
 from bridge import fallback as fallback_lib
 from bridge.dlpack import to_torch
 from bridge.interpreter import node_op
@@ -360,6 +360,7 @@ def _capture(module: torch.nn.Module, call: Callable, sig: Signature, dims: Mapp
                     raise
                 ops.append(op)
                 continue
+            constants.check(program, module, _PREFIX)  # before torch warns about the same tensors
             program = program.run_decompositions({})  # functionalise; keep high-level ops
             program = _decompose_unlowered(program, keep=ops)
         break

@@ -9,6 +9,8 @@ test_transformers_models.py."""
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -296,3 +298,42 @@ def test_static_values_equal_but_of_another_type_get_their_own_graph():
         out = jfn(x, s)
         assert out.dtype == bridge.dtypes.to_jax_dtype(expected.dtype), s
         np.testing.assert_array_equal(np.asarray(out), expected.numpy())
+
+
+class CachedBias(nn.Module):
+    """Keeps a tensor derived from its parameter after an eval-mode forward, as timm's LeViT does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bias = nn.Parameter(torch.randn(4))
+        self.register_buffer("idx", torch.tensor([0, 1, 2, 3, 3, 2]), persistent=False)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        if self.training:
+            return x * self.bias[self.idx]
+        if "cpu" not in self.cache:
+            self.cache["cpu"] = self.bias[self.idx]
+        return x * self.cache["cpu"]
+
+
+def test_a_cached_tensor_derived_from_parameters_is_refused_not_frozen():
+    m = CachedBias().eval()
+    x = torch.randn(2, 6)
+    apply, params = bridge.torch_to_jax(m)
+    # A fresh module: the cache is filled inside the traced forward, so the
+    # gradient reaches `bias`, and the user's module is left as it was.
+    g = jax.grad(lambda p: apply(p, bridge.to_jax(x)).sum())(params)
+    assert m.cache == {}
+    reference = copy.deepcopy(m)
+    reference(x).sum().backward()
+    close(g["bias"], reference.bias.grad)
+    m(x)  # fills the cache with a tensor that has autograd history back to `bias`
+    apply, params = bridge.torch_to_jax(m)
+    with pytest.raises(ValueError, match=r"attribute cache\['cpu'\].*parameter\(s\) 'bias'.*model.train\(\)"):
+        apply(params, bridge.to_jax(x))
+    with torch.no_grad():  # a cache without history is a constant in torch too: allowed
+        m.cache.clear()
+        m(x)
+    close(apply(params, bridge.to_jax(x)), m(x))
