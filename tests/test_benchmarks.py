@@ -104,9 +104,13 @@ def test_run_readme_is_header_then_results_in_name_order(tmp_path):
     (tmp_path / "bench_b.md").write_text("## b\n\n| x |\n")
     (tmp_path / "bench_a.md").write_text("## a\n\n| y |\n")
     (tmp_path / "bench_a.md.tmp").write_text("half-written")
-    readme = run.render_readme(tmp_path)
+    readme = run.render_readme(tmp_path, tmp_path / "no probes")
     assert readme.startswith(run.HEADER)
     assert readme[len(run.HEADER) :] == "\n## a\n\n| y |\n\n## b\n\n| x |\n"
+    (tmp_path / "probes").mkdir()
+    (tmp_path / "probes" / "p.md").write_text("## p\n")
+    with_probes = run.render_readme(tmp_path, tmp_path / "probes")
+    assert with_probes == readme + "\n" + run.PROBES_HEADER + "\n## p\n"
 
 
 def test_bench_torch_to_jax_quick_mode_checks_parity_and_writes_every_table(tmp_path):

@@ -6,6 +6,7 @@ torch's own kernel run through `bridge.callback`, on ResNet-50 (batch 8,
 calls interleaved; milliseconds as median [p10, p90].
 
 Run: .venv/bin/python benchmarks/probes/conv_callback.py [reps]
+Writes benchmarks/probes/results/conv_callback.md.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import fmt_ms, time_interleaved  # noqa: E402
+from common import fmt_ms, header, time_interleaved, write_results  # noqa: E402
 
 import bridge  # noqa: E402
 from bridge.ops.conv import convolve  # noqa: E402
@@ -74,9 +75,17 @@ def probe(shape: tuple[int, ...], reps: int) -> str:
 
 def main() -> None:
     reps = int(sys.argv[1]) if len(sys.argv) > 1 else 20
-    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
+    lines = header(
+        "## Probe: one convolution, XLA's channels-last kernel against torch's through `bridge.callback`",
+        False,
+        os.getloadavg(),
+        f"; torch threads {torch.get_num_threads()}",
+    )
+    lines += [f"- Method: see the docstring of benchmarks/probes/conv_callback.py; {reps} rounds.", ""]
     for shape in SHAPES:
-        print(probe(shape, reps), flush=True)
+        lines.append("- " + probe(shape, reps))
+        print(lines[-1], flush=True)
+    write_results(Path(__file__).resolve().parent / "results", "conv_callback", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,17 +6,21 @@ initialises its backend, so each setting needs its own process). Prints the
 median milliseconds and the forward's max relative difference to torch eager
 (a different convolution kernel shows as a different rounding error).
 
-Run: for F in "" --xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true \\
-       --xla_cpu_use_xnnpack=true --xla_cpu_experimental_ynn_fusion_type=individual_convolution ""; do
-       XLA_FLAGS="$F" .venv/bin/python benchmarks/probes/resnet_xla_flags.py 3; done
+Run: .venv/bin/python benchmarks/probes/resnet_xla_flags.py [rounds]
+runs every setting of FLAGS (the default first and last, to show the drift
+between two runs of the same setting), each in its own process, and writes
+benchmarks/probes/results/resnet_xla_flags.md. With XLA_FLAGS set in the
+environment and `--one`, it measures that one setting and prints it.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,11 +28,43 @@ import optax
 import torch
 import transformers as tf
 
-import bridge
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import header, write_results  # noqa: E402
+
+import bridge  # noqa: E402
+
+FLAGS = [
+    "",
+    "--xla_cpu_use_onednn=true",
+    "--xla_cpu_experimental_onednn_custom_call=true",
+    "--xla_cpu_use_xnnpack=true",
+    "--xla_cpu_experimental_ynn_fusion_type=individual_convolution",
+    "",
+]
 
 
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    args = [a for a in sys.argv[1:] if a != "--one"]
+    rounds = int(args[0]) if args else 3
+    if "--one" not in sys.argv:
+        lines = header("## Probe: ResNet-50 translated under XLA:CPU's kernel flags", False, os.getloadavg())
+        lines += [
+            f"- Method: see the docstring of benchmarks/probes/resnet_xla_flags.py; {rounds} rounds per "
+            "setting after one warm-up, each setting in a fresh process, in this order.",
+            "",
+        ]
+        for flags in FLAGS:
+            env = dict(os.environ, XLA_FLAGS=flags)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", str(rounds)], env=env, capture_output=True, text=True
+            )
+            line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else (
+                f"XLA_FLAGS={flags!r}: failed: {out.stderr.strip().splitlines()[-1]}"
+            )
+            lines.append(f"- {line}")
+            print(lines[-1], flush=True)
+        write_results(Path(__file__).resolve().parent / "results", "resnet_xla_flags", "\n".join(lines) + "\n")
+        return
     torch.manual_seed(0)
     model = tf.ResNetForImageClassification(tf.ResNetConfig(num_labels=1000)).eval()
     x = torch.randn(8, 3, 128, 128)
