@@ -76,9 +76,9 @@ command in this folder reproduces:
   It is 1.29x (bench_jax_to_torch): 67 us over. Its "where the time goes"
   line shows the forward, which computes the value and the gradients in one
   JAX call, about 190 us over the same pure JAX call; the backward only
-  hands back the stored gradients. That forward's overhead is the per-call
-  crossing of seven inputs and seven outputs between the frameworks; it has
-  not been broken down further.
+  hands back the stored gradients. That overhead has not been broken down
+  further; the candidates are the Python around the jitted call and the
+  crossing of seven inputs and seven outputs between the frameworks.
 - **Conversion peak memory of ResNet-50 within 10% of its weights.** The
   growth is about 19 MiB for GPT-2 124M (622 MiB of weights) and ResNet-50
   (98 MiB) alike: it does not grow with the weights, which are never copied.
