@@ -18,6 +18,7 @@ float64 on both sides.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import jax
@@ -120,12 +121,24 @@ def test_a_violated_specialisation_raises_torchs_error_eagerly_and_under_jit():
     np.testing.assert_allclose(_np(jax.jit(jfn)(*args)), gaussian_nll(x, t, v).numpy(), **FWD)
 
 
-def test_checks_false_keeps_the_assumption_check():
+def test_checks_false_leaves_the_assumption_out_like_every_check_and_export_writes_it(tmp_path):
     x, t, v = nll_inputs()
     jfn = bridge.torch_to_jax(gaussian_nll, strict=True, checks=False)
     np.testing.assert_allclose(_np(jfn(*bridge.to_jax([x, t, v]))), gaussian_nll(x, t, v).numpy(), **FWD)
-    with pytest.raises(Exception, match="var has negative entry"):
-        jax.block_until_ready(jax.jit(jfn)(*bridge.to_jax([x, t, -v])))
+    # an input torch refuses computes without the check (torch clamps var to eps after its test)
+    unchecked = jax.block_until_ready(jax.jit(jfn)(*bridge.to_jax([x, t, -v])))
+    np.testing.assert_allclose(_np(unchecked), gaussian_nll(x, t, torch.full_like(v, 1e-6)).numpy(), **FWD)
+    # no host callback is left, so both export formats write it out and run it
+    for fmt in ("source", "stablehlo"):
+        folder = bridge.export(gaussian_nll, x, t, v, path=tmp_path / fmt, format=fmt)
+        spec = importlib.util.spec_from_file_location(f"exported_nll_{fmt}", folder / "model.py")
+        model = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(model)
+        params, _ = model.load()
+        out = model.apply(params, *bridge.to_jax([x, t, v]))
+        np.testing.assert_allclose(_np(out), gaussian_nll(x, t, v).numpy(), **FWD)
+    jaxpr = str(jax.make_jaxpr(jfn)(*bridge.to_jax([x, t, v])))
+    assert "callback" not in jaxpr
 
 
 def test_a_user_validation_is_specialised_and_works_under_grad_and_vmap():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -67,27 +66,29 @@ def _raise_unless(value, message: str) -> None:
         raise AssertionError(message)
 
 
-def _assert(value, message: str) -> None:
-    """Raise `AssertionError(message)` if `value` is false: now if static, else at run time."""
+def _assert(ctx, value, message: str, error: type[Exception] = AssertionError) -> None:
+    """Raise `error(message)` unless `value` holds: now if it is static, else at run time.
+
+    A run-time assertion is a check like every other (`ctx.require`): staged
+    into the program, and left out with `checks=False`, as exported programs
+    are (they cannot call back into Python; docs/export.md).
+    """
     if isinstance(value, (bool, int, float, np.bool_)):
         _raise_unless(value, message)
     else:
-        jax.debug.callback(_raise_unless, value, message)
+        ctx.require(jnp.asarray(value).astype(bool), error, message)
 
 
 @lowering(aten._assert_scalar.default)
 def assert_scalar(ctx, value, assert_msg):
-    if isinstance(value, jax.Array) and ctx.checking:
-        # A value read from a tensor (a specialised guard, bridge/specialise.py):
-        # a run-time check that raises torch's own error.
-        ctx.require(value, specialise.error_type(assert_msg), assert_msg)
-    else:
-        _assert(value, assert_msg)
+    # A value read from a tensor is a specialised guard (bridge/specialise.py):
+    # a failed check raises the error torch raised on the branch it rules out.
+    _assert(ctx, value, assert_msg, specialise.error_type(assert_msg))
 
 
 @lowering(aten._assert_async.default, aten._assert_async.msg)
 def assert_async(ctx, x, assert_msg="Expected Tensor with single nonzero value, but got zero"):
-    _assert(x, assert_msg)
+    _assert(ctx, x, assert_msg)
 
 
 @lowering(aten._make_dep_token.default)
@@ -97,13 +98,13 @@ def make_dep_token(ctx, **options):
 
 @lowering(aten._functional_assert_async.msg)
 def functional_assert_async(ctx, x, assert_msg, dep_token):
-    _assert(x, assert_msg)
+    _assert(ctx, x, assert_msg)
     return dep_token
 
 
 @lowering(aten._functional_assert_scalar.default)
 def functional_assert_scalar(ctx, value, assert_msg, dep_token):
-    _assert(value, assert_msg)
+    _assert(ctx, value, assert_msg, specialise.error_type(assert_msg))
     return dep_token
 
 
