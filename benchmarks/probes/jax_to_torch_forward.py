@@ -37,11 +37,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_jax_to_torch import TORCH_THREADS, mean_square, mlp_case  # noqa: E402
+from bridge.adapters import jax_autograd  # noqa: E402
+from bridge.adapters import jax_boundary as boundary  # noqa: E402
 from common import header, time_interleaved, write_results  # noqa: E402
 
 import bridge  # noqa: E402
-from bridge.adapters import jax_autograd  # noqa: E402
-from bridge.adapters import jax_boundary as boundary  # noqa: E402
 
 PARTS = ("inputs", "JAX call", "wait", "outputs", "around")
 
