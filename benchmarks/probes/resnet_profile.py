@@ -64,7 +64,7 @@ _TORCH = [
     ),
     (
         "elementwise arithmetic",
-        ("relu", "threshold", "add", "mul", "sum", "mean", "div", "foreach", "sub", "exp", "log", "neg",
+        ("relu", "clamp", "threshold", "add", "mul", "sum", "mean", "div", "foreach", "sub", "exp", "log", "neg",
          "nll", "softmax"),
     ),
 ]
