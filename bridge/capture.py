@@ -38,7 +38,7 @@ from torch._decomp import core_aten_decompositions
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from bridge import constants, dtypes, specialise
+from bridge import constants, dtypes, preserve, specialise
 from bridge import fallback as fallback_lib
 from bridge.dlpack import to_torch
 from bridge.interpreter import node_op
@@ -240,9 +240,9 @@ def capture(
     carries SymInts, which the interpreter reads from its inputs' shapes.
     """
     if not fall_back:
-        with _CAPTURE_LOCK, _module_preserved(module):
+        with _CAPTURE_LOCK, preserve.module_preserved(module):
             return _capture(module, call, sig, dims)
-    with _CAPTURE_LOCK, _module_preserved(module), _no_graph_dumps():
+    with _CAPTURE_LOCK, preserve.module_preserved(module), _no_graph_dumps():
         try:
             return _capture(module, call, sig, dims)
         except CaptureError as e:
@@ -293,7 +293,8 @@ def _capture_around(
     choice = _example_choices(leaves, sig.x64)[0]
     examples = _examples(leaves, device, choice, dims)
     try:
-        recording = fallback_lib.record(module, lambda: wrapper(*examples))
+        with preserve.module_preserved(module):  # an eager run may fill the module's caches
+            recording = fallback_lib.record(module, lambda: wrapper(*examples))
     except Exception as e:
         raise error from e  # torch itself fails on the example inputs: nothing to fall back to
     opaque: dict[str, fallback_lib.Opaque] = {}
@@ -317,7 +318,7 @@ def _capture_around(
         opaque = {p: o for p, o in opaque.items() if not p.startswith(path + ".")}
         opaque[path] = fallback_lib.Opaque(path, module.get_submodule(path), reason, recording)
         try:
-            with fallback_lib.opaque_forwards(opaque.values()):
+            with preserve.module_preserved(module), fallback_lib.opaque_forwards(opaque.values()):
                 captured = _capture(module, call, sig, dims)
         except CaptureError as e:
             error = e
@@ -374,29 +375,6 @@ def _capture(module: torch.nn.Module, call: Callable, sig: Signature, dims: Mapp
     return captured
 
 
-@contextlib.contextmanager
-def _module_preserved(module: torch.nn.Module):
-    """Put back every parameter, buffer and train/eval flag the block replaced.
-
-    torch.export swaps the module's tensors for fake ones while it traces and
-    restores them when it finishes; an exception at the wrong moment could
-    leave a fake tensor behind, and the user's module would then compute
-    nothing real. This makes "the module is unchanged" hold whatever happens.
-    """
-    saved = [
-        (m, dict(m._parameters), dict(m._buffers), m.training) for m in module.modules()
-    ]
-    try:
-        yield
-    finally:
-        for m, params, buffers, training in saved:  # restoring unchanged entries is a no-op
-            m._parameters.clear()
-            m._parameters.update(params)
-            m._buffers.clear()
-            m._buffers.update(buffers)
-            m.training = training
-
-
 # What torch raises when Python code reads a tensor's values while torch.export
 # traces with fake tensors (`.numpy()`, `np.asarray(x)`, a data pointer).
 _VALUE_READS = (".numpy() is not supported for tensor subclasses", "Cannot access data pointer of Tensor")
@@ -448,6 +426,12 @@ def _data_dependent_error(e: Exception, root: torch.nn.Module) -> CaptureError |
     return error
 
 
+def _export_once(wrapper: torch.nn.Module, examples: tuple, dynamic_shapes: Any) -> ExportedProgram:
+    """One torch.export attempt; what the traced forward stored on the module does not outlive it."""
+    with preserve.module_preserved(wrapper):
+        return torch.export.export(wrapper, examples, dynamic_shapes=dynamic_shapes, strict=False)
+
+
 def _export(
     wrapper: torch.nn.Module, leaves: list[Leaf], device, x64: bool, dims: Mapping | None
 ) -> tuple[ExportedProgram, Any]:
@@ -472,7 +456,7 @@ def _export(
             examples = _examples(leaves, device, widen, dims)
             try:
                 with specialise.deciding([]) as trace:  # notes the data-dependent guard it stops at
-                    return torch.export.export(wrapper, examples, dynamic_shapes=dynamic_shapes, strict=False), None
+                    return _export_once(wrapper, examples, dynamic_shapes), None
             except Exception as e:  # torch's own checks reject a dtype: try the next choice
                 specialise.note_guard(e, trace)
                 first_error = first_error or e
@@ -481,8 +465,7 @@ def _export(
         examples = _examples(leaves, device, choices[0], dims)
         try:
             with _no_graph_dumps():  # the failed attempts' partial graphs
-                export = functools.partial(
-                    torch.export.export, wrapper, examples, dynamic_shapes=dynamic_shapes, strict=False)
+                export = functools.partial(_export_once, wrapper, examples, dynamic_shapes)
                 program, assumptions, trace = specialise.explore(specialise.attempt_with(export),
                     first_error)
             return program, (assumptions, trace)
