@@ -69,11 +69,10 @@ def _commit() -> str:
 def run_all(names: list[str], out: Path, timeout: float, jobs: int) -> None:
     """Run each case in its own process, `jobs` at a time, appending records to `out`.
 
-    With `jobs` > 1 each case runs single-threaded. Some cases need several
-    times the memory then (efficientnet_b4 peaked at about 13 GB used on the
-    reference machine, against 3.3 GB multi-threaded), and two at once can
-    exhaust it: a case the kernel kills (SIGKILL) runs again alone,
-    multi-threaded, after the others.
+    With `jobs` > 1 each case runs single-threaded, and two large cases at
+    once can exhaust the memory (the kernel killed efficientnet_b4 in float64
+    beside efficientnet_b5 on the reference machine; alone it passes): a case
+    killed with SIGKILL runs again alone, multi-threaded, after the others.
     """
     from concurrent.futures import ThreadPoolExecutor
 
