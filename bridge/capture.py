@@ -318,7 +318,7 @@ def _capture_around(
         opaque = {p: o for p, o in opaque.items() if not p.startswith(path + ".")}
         opaque[path] = fallback_lib.Opaque(path, module.get_submodule(path), reason, recording)
         try:
-            with preserve.module_preserved(module), fallback_lib.opaque_forwards(opaque.values()):
+            with fallback_lib.opaque_forwards(opaque.values()):  # each export attempt is preserved
                 captured = _capture(module, call, sig, dims)
         except CaptureError as e:
             error = e

@@ -21,10 +21,9 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 
+from bridge import preserve
+
 __all__ = ["StaleConstantError", "check"]
-
-_CONTAINER_DEPTH = 4  # how deep `_attribute_paths` looks into dicts, lists and tuples
-
 
 class StaleConstantError(ValueError):
     """A tensor the module derived from its parameters would become a constant."""
@@ -94,17 +93,6 @@ def _attribute_paths(module: torch.nn.Module, tensor: torch.Tensor) -> Iterator[
     """Where `module` (or a submodule) holds `tensor` as a plain attribute, as `a.b['key']`."""
     for name, sub in module.named_modules():
         for attr, value in vars(sub).items():
-            if attr.startswith("_"):
-                continue
-            yield from _find(value, tensor, f"{name}.{attr}" if name else attr, _CONTAINER_DEPTH)
-
-
-def _find(value: Any, tensor: torch.Tensor, path: str, depth: int) -> Iterator[str]:
-    if value is tensor:
-        yield path
-    elif depth > 0 and isinstance(value, dict):
-        for key, item in value.items():
-            yield from _find(item, tensor, f"{path}[{key!r}]", depth - 1)
-    elif depth > 0 and isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            yield from _find(item, tensor, f"{path}[{i}]", depth - 1)
+            if not attr.startswith("_"):
+                root = f"{name}.{attr}" if name else attr
+                yield from (path for path, item in preserve.walk(value, root) if item is tensor)

@@ -19,53 +19,59 @@ from typing import Any
 
 import torch
 
-__all__ = ["module_preserved"]
+__all__ = ["module_preserved", "walk"]
 
-_DEPTH = 3  # how deep containers inside attributes are restored
+DEPTH = 4  # how deep `walk` goes into the containers inside an attribute
+
+
+def walk(value: Any, path: str, depth: int = DEPTH) -> Iterator[tuple[str, Any]]:
+    """`(path, value)`, then the same for the items of the dicts, lists and tuples in it.
+
+    Items are named like Python indexes them (`cache['cpu']`, `blocks[0]`);
+    submodules are not entered (`module.modules()` visits them).
+    """
+    yield path, value
+    if depth == 0 or isinstance(value, torch.nn.Module):
+        return
+    if isinstance(value, dict):
+        items = ((f"{path}[{k!r}]", v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return
+    for item_path, item in items:
+        yield from walk(item, item_path, depth - 1)
 
 
 @contextlib.contextmanager
 def module_preserved(module: torch.nn.Module) -> Iterator[None]:
-    """Put back every parameter, buffer, flag and plain attribute of `module` and its submodules."""
-    saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in module.modules()]
-    contents: list[tuple[Any, Any]] = []
-    for _, attrs, _, _ in saved:
-        for value in attrs.values():
-            _snapshot(value, contents, _DEPTH)
+    """Put back every attribute of `module` and its submodules, and the contents of their containers.
+
+    Parameters, buffers and submodules live in dicts among the attributes
+    (`_parameters`, `_buffers`, `_modules`), so they are restored with them.
+    """
+    saved = [(m, dict(vars(m))) for m in module.modules()]
+    contents = [
+        (c, dict(c) if isinstance(c, dict) else list(c))
+        for _, attrs in saved
+        for value in attrs.values()
+        for _, c in walk(value, "")
+        if isinstance(c, (dict, list))
+    ]
     try:
         yield
     finally:
-        for m, attrs, params, buffers in saved:
+        for m, attrs in saved:
             for name in [n for n in vars(m) if n not in attrs]:
                 delattr(m, name)  # added by the traced forward
             for name, value in attrs.items():
                 if vars(m).get(name, _MISSING) is not value:
                     object.__setattr__(m, name, value)
-            _restore(m._parameters, params)
-            _restore(m._buffers, buffers)
         for container, items in contents:
             _restore(container, items)
 
 
 _MISSING = object()
-
-
-def _snapshot(value: Any, out: list[tuple[Any, Any]], depth: int) -> None:
-    """Record the contents of `value` if it is a dict or list (and of those inside it)."""
-    if depth == 0 or isinstance(value, torch.nn.Module):
-        return
-    if isinstance(value, dict):
-        out.append((value, dict(value)))
-        inner = value.values()
-    elif isinstance(value, list):
-        out.append((value, list(value)))
-        inner = value
-    elif isinstance(value, tuple):
-        inner = value
-    else:
-        return
-    for item in inner:
-        _snapshot(item, out, depth - 1)
 
 
 def _restore(container: Any, items: Any) -> None:
