@@ -141,6 +141,24 @@ def test_checks_false_leaves_the_assumption_out_like_every_check_and_export_writ
     assert "callback" not in jaxpr
 
 
+def asserts_positive_sum(x):
+    torch._assert_async(x.sum() > 0, "sum must be positive")
+    return x * 2
+
+
+def test_an_assert_on_a_tensor_value_is_a_run_time_check_that_checks_false_leaves_out():
+    jfn = bridge.torch_to_jax(asserts_positive_sum, strict=True)
+    good, bad = jnp.ones(3), -jnp.ones(3)
+    np.testing.assert_array_equal(_np(jax.jit(jfn)(good)), [2.0, 2.0, 2.0])
+    with pytest.raises(AssertionError, match="sum must be positive"):
+        jfn(bad)
+    with pytest.raises(Exception, match="sum must be positive"):
+        jax.block_until_ready(jax.jit(jfn)(bad))
+    unchecked = bridge.torch_to_jax(asserts_positive_sum, strict=True, checks=False)
+    np.testing.assert_array_equal(_np(jax.jit(unchecked)(bad)), [-2.0, -2.0, -2.0])
+    assert "callback" not in str(jax.make_jaxpr(unchecked)(good))
+
+
 def test_a_user_validation_is_specialised_and_works_under_grad_and_vmap():
     x = torch.rand(3, 4) + 0.5
     jfn = bridge.torch_to_jax(checked_sqrt, strict=True)
