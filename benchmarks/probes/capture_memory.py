@@ -9,7 +9,8 @@ capture + trace, and what is still held after it (the captured program and
 JAX's trace), grouped by the package whose code allocated it (the innermost
 frame of a known package). It also counts the captured graph's nodes.
 
-Run: .venv/bin/python benchmarks/probes/capture_memory.py
+Run: .venv/bin/python benchmarks/probes/capture_memory.py [resnet] [gpt2]
+(each model in its own process)
 Writes benchmarks/probes/results/capture_memory.md.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import collections
 import gc
 import os
+import subprocess
 import sys
 import tracemalloc
 from pathlib import Path
@@ -87,23 +89,15 @@ def measure(key: str) -> list[str]:
 
 
 def main() -> None:
-    keys = sys.argv[1:] or ["resnet", "gpt2"]
+    if sys.argv[1:2] == ["--child"]:  # one model, in the fresh process the bench measures it in
+        print("\n".join(measure(sys.argv[2])))
+        return
     lines = header("## Probe: what capture's peak memory is made of", False, os.getloadavg())
     lines += ["- Method: see the docstring of benchmarks/probes/capture_memory.py; MiB = 2^20 bytes.", ""]
-    for key in keys:
-        if len(keys) > 1:  # each model in a fresh process, as the bench measures it
-            import subprocess
-
-            out = subprocess.run([sys.executable, __file__, key], capture_output=True, text=True, check=True)
-            lines += [ln for ln in out.stdout.splitlines() if ln.startswith("- ") and "Method" not in ln
-                      and "Command" not in ln and "Machine" not in ln and "Versions" not in ln]
-        else:
-            lines += measure(key)
-    text = "\n".join(lines) + "\n"
-    if len(keys) > 1:
-        write_results(Path(__file__).resolve().parent / "results", "capture_memory", text)
-    else:
-        print(text)
+    for key in sys.argv[1:] or ["resnet", "gpt2"]:
+        child = subprocess.run([sys.executable, __file__, "--child", key], capture_output=True, text=True, check=True)
+        lines += [line for line in child.stdout.splitlines() if line.startswith("- ")]
+    write_results(Path(__file__).resolve().parent / "results", "capture_memory", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
